@@ -1,0 +1,392 @@
+"""Find attention modules and record their per-head weights for every query position.
+
+`record()` installs hooks only inside its `with` block, forces weights out of the selected sites, hands each
+caller exactly the output it asked for, and restores every hook and global switch on exit, after an
+exception too.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+import weakref
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from .errors import NoAttentionFound, RecordingError, SelectionError, SpecError
+from .registry import Call, lookup, specs
+from .trace import Site, Trace, layer_of
+
+# attribute names that say what an attention module attends to, when the spec cannot say it
+_CROSS_NAMES = ("multihead_attn", "*cross*", "encoder_attn", "*enc_dec*", "src_attn", "context_attn")
+_SELF_NAMES = ("self_attn", "*self_attention*", "*selfattention*", "self")
+
+
+def _kind_from_name(name: str) -> str:
+    attr = name.rsplit(".", 1)[-1].lower()
+    if any(fnmatch.fnmatchcase(attr, p) for p in _CROSS_NAMES):
+        return "cross"
+    if any(fnmatch.fnmatchcase(attr, p) for p in _SELF_NAMES):
+        return "self"
+    return "auto"
+
+
+def find_attention(model: nn.Module) -> list[Site]:
+    """List the attention modules of `model` that attnhook can record.
+
+    A module matched by a spec is one site; modules inside it are not searched further. A site's kind comes
+    from its spec, else from its attribute name (`self_attn`, `multihead_attn`, `*cross*`, ...), else it is
+    `"auto"` and decided from the actual call while recording.
+
+    Example:
+        >>> import torch, attnhook as ah
+        >>> decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(32, 4), num_layers=2)
+        >>> for site in ah.find_attention(decoder):
+        ...     print(site)
+        layers.0.self_attn (torch.MultiheadAttention, self layer 0, 4 heads)
+        layers.0.multihead_attn (torch.MultiheadAttention, cross layer 0, 4 heads)
+        layers.1.self_attn (torch.MultiheadAttention, self layer 1, 4 heads)
+        layers.1.multihead_attn (torch.MultiheadAttention, cross layer 1, 4 heads)
+    """
+    if not isinstance(model, nn.Module):
+        raise NoAttentionFound(
+            f"find_attention() takes a torch.nn.Module, got {type(model).__name__}. Pass the model itself "
+            "(for a Hugging Face pipeline, pass pipeline.model)."
+        )
+    sites, inside = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        spec = lookup(module)
+        if spec is None:
+            continue
+        inside.append(f"{name}." if name else "")
+        kind = spec.kind if isinstance(spec.kind, str) else _kind_from_name(name)
+        heads = spec.heads(module) if spec.heads else None
+        sites.append(Site(name, spec.name, kind, layer_of(name), heads, type(module).__name__))
+    if not sites:
+        known = ", ".join(s.name for s in specs())
+        raise NoAttentionFound(
+            f"No attention module found in {type(model).__name__}: none of its {sum(1 for _ in model.modules())} "
+            f"modules matches a registered spec ({known}). If the model computes attention in its own module, "
+            "describe it with attnhook.register(attnhook.AttentionSpec(name, match=YourAttention, "
+            "read=lambda call: call.output[1])); see docs/recording.md."
+        )
+    return sites
+
+
+def select(sites: list[Site], which="all", layers=None) -> list[Site]:
+    """Pick sites by kind (`"all"`, `"self"`, `"cross"`), name glob, `Site`, or a list of those; then by
+    layer index (negative counts from the end of each stack). Sites of kind `"auto"` pass a kind selector
+    and are dropped later if their actual call says otherwise."""
+    chosen = _by_which(sites, which)
+    if layers is not None:
+        chosen = _by_layer(chosen, layers)
+    return chosen
+
+
+def _by_which(sites: list[Site], which) -> list[Site]:
+    items = which if isinstance(which, (list, tuple, set)) else [which]
+    names = [s.name for s in sites]
+    picked: dict[str, Site] = {}
+    for item in items:
+        if isinstance(item, Site):
+            item = item.name
+        if not isinstance(item, str):
+            raise SelectionError(
+                f"A site selector must be 'all', 'self', 'cross', a name glob or a Site, got {item!r}."
+            )
+        if item == "all":
+            hits = sites
+        elif item in ("self", "cross"):
+            hits = [s for s in sites if s.kind in (item, "auto")]
+        else:
+            hits = [s for s in sites if fnmatch.fnmatchcase(s.name, item)]
+        if not hits:
+            raise SelectionError(
+                f"Site selector {item!r} matched nothing. Available sites: "
+                + "; ".join(str(s) for s in sites)
+                + ". Select by kind ('self', 'cross', 'all'), by one of these names, or by a glob such as "
+                f"'*{names[0].rsplit('.', 1)[-1]}'."
+            )
+        picked.update((s.name, s) for s in hits)
+    return [s for s in sites if s.name in picked]
+
+
+def _by_layer(sites: list[Site], layers) -> list[Site]:
+    wanted = [layers] if isinstance(layers, int) else list(layers)
+    if not wanted or not all(isinstance(i, int) for i in wanted):
+        raise SelectionError(f"layers must be an int or a list of ints (negative from the end), got {layers!r}.")
+    stacks: dict[str, list[int]] = {}
+    for s in sites:
+        if s.layer is not None:
+            stacks.setdefault(s.stack, []).append(s.layer)
+    chosen = []
+    for s in sites:
+        if s.layer is None:
+            continue
+        present = sorted(set(stacks[s.stack]))
+        resolved = set()
+        for i in wanted:
+            if i < 0 and -len(present) <= i:
+                resolved.add(present[i])
+            elif i >= 0:
+                resolved.add(i)
+        if s.layer in resolved:
+            chosen.append(s)
+    if not chosen:
+        have = sorted({s.layer for s in sites if s.layer is not None})
+        raise SelectionError(
+            f"layers={layers!r} matched none of the selected sites; their layer indices are {have or 'none'}. "
+            "Use one of those, or -1 for the last layer of each stack."
+        )
+    return chosen
+
+
+# --- global state shared by recorders: the MHA fast-path switch and which modules are being recorded ----
+_GLOBAL_LOCK = threading.Lock()
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+_FASTPATH = {"users": 0, "saved": True}
+
+
+def _fastpath_off() -> None:
+    with _GLOBAL_LOCK:
+        if _FASTPATH["users"] == 0:
+            _FASTPATH["saved"] = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _FASTPATH["users"] += 1
+
+
+def _fastpath_restore() -> None:
+    with _GLOBAL_LOCK:
+        _FASTPATH["users"] -= 1
+        if _FASTPATH["users"] == 0:
+            torch.backends.mha.set_fastpath_enabled(_FASTPATH["saved"])
+
+
+@dataclass
+class _Position:
+    """Where a site stands in the current sequence: query positions [0, end) seen so far."""
+
+    epoch: int
+    end: int = 0
+    batch: int = -1
+    keys: int = -1
+
+
+class record:
+    """Record per-head attention weights of `model` for every query position, inside a `with` block.
+
+    Args:
+        model: any `torch.nn.Module` holding attention modules that a spec describes.
+        sites: `"all"`, `"self"`, `"cross"`, a name glob, a `Site`, or a list of those.
+        layers: layer index or list of them; negative counts from the end of each stack (`-1`: last layer).
+        dtype: storage dtype of the rows (e.g. `torch.float16`); None keeps the captured dtype.
+        device: where rows are kept; CPU by default, detached.
+        keys: a `slice` of the key axis to keep (e.g. `slice(1, None)` drops a CLS token).
+
+    Yields a `Trace`. Decoding styles all give one row per query position: incremental decoding (one query
+    per call), full recomputation of the prefix at every step (rows already held are skipped), and a single
+    teacher-forced pass. A new sequence starts when the query positions restart, when recomputed rows differ
+    from the held ones, when the batch size or the image's key count changes, or at `trace.new_sequence()`.
+
+    Example:
+        >>> import torch, attnhook as ah
+        >>> decoder = torch.nn.TransformerDecoder(
+        ...     torch.nn.TransformerDecoderLayer(32, 4, batch_first=True), num_layers=2).eval()
+        >>> memory = torch.randn(2, 49, 32)                  # 7 x 7 image features
+        >>> tokens = torch.randn(2, 1, 32)
+        >>> with ah.record(decoder, sites="cross", layers=-1) as trace:
+        ...     for _ in range(3):                           # greedy loop recomputing the prefix
+        ...         causal = torch.nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        ...         out = decoder(tokens, memory, tgt_mask=causal, tgt_is_causal=True)
+        ...         tokens = torch.cat([tokens, out[:, -1:]], dim=1)
+        >>> trace.weights("layers.1.multihead_attn").shape   # (batch, steps, heads, keys)
+        torch.Size([2, 3, 4, 49])
+    """
+
+    def __init__(self, model: nn.Module, sites="all", *, layers=None, dtype: torch.dtype | None = None,
+                 device="cpu", keys: slice | None = None):
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise RecordingError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}.")
+        if keys is not None and not isinstance(keys, slice):
+            raise RecordingError(f"keys must be a slice of the key axis, e.g. slice(1, None), got {keys!r}.")
+        self.model = model
+        found = find_attention(model)
+        self.selected = {s.name: s for s in select(found, sites, layers)}
+        kinds = sites if isinstance(sites, (list, tuple, set)) else [sites]
+        self._wanted = {k for k in kinds if k in ("self", "cross")} or {"self", "cross"}
+        if any(k not in ("self", "cross") for k in kinds):
+            self._wanted = {"self", "cross"}  # a name or "all" selects whatever kind the site has
+        # self-attention sites not recorded are still watched (no forcing) to follow the decoding position
+        self.watched = {s.name: s for s in found if s.name not in self.selected and s.kind in ("self", "auto")}
+        self.dtype, self.device, self.keys = dtype, torch.device(device), keys
+        self.trace = Trace({"model": type(model).__name__, "keys": _slice_meta(keys)})
+        self._handles: list = []
+        self._calls: dict[str, list[Call]] = {}
+        self._kinds: dict[str, str] = {s.name: s.kind for s in found}
+        self._positions: dict[str, _Position] = {}
+        self._checked: set[str] = set()
+        self._modules: list[nn.Module] = []
+        self._lock = threading.Lock()
+
+    # --- context manager -----------------------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        with _GLOBAL_LOCK:
+            busy = [m for m in self.model.modules() if m in _ACTIVE]
+            if busy:
+                raise RecordingError(
+                    f"{type(self.model).__name__} is already being recorded by another attnhook.record() block "
+                    f"(module {type(busy[0]).__name__} is hooked). Nested or concurrent recording of one model "
+                    "is not supported: record once, selecting the union of the sites you need."
+                )
+            for m in self.model.modules():
+                _ACTIVE[m] = "recording"
+                self._modules.append(m)
+        try:
+            _fastpath_off()
+            self._fast_off = True
+            for name in list(self.selected) + list(self.watched):
+                module = self.model.get_submodule(name)
+                spec = lookup(module)
+                self._handles.append(module.register_forward_pre_hook(
+                    partial(self._before, name, spec), with_kwargs=True))
+                if name in self.selected:
+                    self._handles.append(module.register_forward_hook(
+                        partial(self._after, name, spec), with_kwargs=True))
+        except BaseException:
+            self._teardown()
+            raise
+        return self.trace
+
+    def __exit__(self, *exc) -> None:
+        self._teardown()
+        return None  # never swallow the exception
+
+    def _teardown(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._calls.clear()
+        if getattr(self, "_fast_off", False):
+            self._fast_off = False
+            _fastpath_restore()
+        with _GLOBAL_LOCK:
+            for m in self._modules:
+                _ACTIVE.pop(m, None)
+            self._modules.clear()
+
+    # --- hooks ---------------------------------------------------------------------------------------
+    def _resolve(self, name: str, spec, call: Call) -> str:
+        kind = self._kinds[name]
+        if kind == "auto":
+            kind = spec.kind(call) if callable(spec.kind) else spec.kind
+            self._kinds[name] = kind
+            if name in self.selected and kind not in self._wanted:
+                del self.selected[name]  # the call says it is of a kind that was not asked for: never forced
+                if kind == "self":
+                    self.watched[name] = Site(name, spec.name, kind)
+        return kind
+
+    def _before(self, name: str, spec, module, args, kwargs):
+        call = Call(module, args, kwargs)
+        kind = self._resolve(name, spec, call)
+        if name not in self.selected:
+            if kind == "self" and spec.lengths is not None:
+                batch, queries, keys = spec.lengths(call)
+                self._place(name, kind, batch, queries, keys, None)
+            return None
+        if spec.force is not None:
+            spec.force(call)
+        self._calls.setdefault(name, []).append(call)
+        return call.args, call.kwargs
+
+    def _after(self, name: str, spec, module, args, kwargs, output):
+        stack = self._calls.get(name)
+        if not stack:
+            return None  # selected only after this call began (kind resolved late): nothing was forced
+        call = stack.pop()
+        call.output = output
+        weights = self._check(name, spec, spec.read(call))
+        batch, _, queries, keys = weights.shape
+        with self._lock:
+            self._place(name, self._kinds[name], batch, queries, keys, weights)
+        if spec.force is not None and spec.restore is not None:
+            return spec.restore(call)
+        return None
+
+    # --- rows ----------------------------------------------------------------------------------------
+    def _check(self, name: str, spec, weights) -> torch.Tensor:
+        what = (f"a {type(weights).__name__}" if not isinstance(weights, torch.Tensor)
+                else f"a {weights.dtype} tensor of shape {tuple(weights.shape)}")
+        expected = ("Expected attention probabilities (batch, heads, queries, keys), (batch, queries, keys) "
+                    "or (batch, keys), each row summing to 1")
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or not 2 <= weights.dim() <= 4:
+            raise SpecError(
+                f"Spec {spec.name!r} read {what} at site {name!r}. {expected}. If it is None, the module did not "
+                "return weights: the spec's force function must make it (e.g. need_weights=True)."
+            )
+        while weights.dim() < 4:
+            weights = weights.unsqueeze(1)
+        if name not in self._checked:
+            self._checked.add(name)
+            w = weights.detach().float()
+            sums = w.sum(-1)
+            live = ~torch.isnan(sums) & (sums != 0)
+            if (w.nan_to_num(0) < -1e-4).any() or not torch.allclose(sums[live], torch.ones_like(sums[live]),
+                                                                       atol=1e-2):
+                raise SpecError(
+                    f"Spec {spec.name!r} read {what} at site {name!r} whose rows are not probabilities "
+                    f"(row sums from {sums[live].min().item():.3g} to {sums[live].max().item():.3g}). {expected}: "
+                    "read the softmax output, not the scores or the attended values."
+                )
+        return weights
+
+    def _place(self, name: str, kind: str, batch: int, queries: int, keys: int, weights) -> None:
+        """Decide which query positions this call covers, start a new sequence if it does not continue the
+        current one, and store the rows not held yet."""
+        trace = self.trace
+        pos = self._positions.get(name)
+        if pos is None or pos.epoch != trace._epoch:
+            pos = self._positions[name] = _Position(trace._epoch)
+        restart = pos.end > 0 and (batch != pos.batch or (kind == "cross" and keys != pos.keys))
+        start = max(keys - queries, 0) if kind == "self" else (0 if queries > pos.end else pos.end)
+        if not restart and start < pos.end:
+            covers_last = start + queries >= pos.end
+            restart = not covers_last or (
+                weights is not None and not self._same_row(name, weights[:, :, pos.end - 1 - start]))
+        if restart:
+            trace._advance()
+            pos = self._positions[name] = _Position(trace._epoch)
+            start = max(keys - queries, 0) if kind == "self" else 0
+        first = max(start, pos.end)
+        pos.end, pos.batch, pos.keys = start + queries, batch, keys
+        if weights is None or first >= start + queries:
+            return
+        if name not in trace._sites:
+            site = self.selected[name]
+            trace._add_site(Site(site.name, site.family, kind, site.layer, weights.shape[1], site.cls))
+        rows = weights[:, :, first - start:]
+        if self.keys is not None:
+            rows = rows[..., self.keys]
+        kept = torch.empty(rows.shape, dtype=self.dtype or rows.dtype, device=self.device)
+        kept.copy_(rows.detach())
+        trace._append(name, first, kept)
+
+    def _same_row(self, name: str, row: torch.Tensor) -> bool:
+        held = self.trace._current(name)
+        if not held.chunks:
+            return True
+        old = held.last_row().float()
+        new = (row if self.keys is None else row[..., self.keys]).detach().float().to(old.device)
+        width = min(old.shape[-1], new.shape[-1])
+        loose = (self.dtype or row.dtype) in (torch.float16, torch.bfloat16)
+        return old.shape[:-1] == new.shape[:-1] and torch.allclose(
+            old[..., :width], new[..., :width], rtol=1e-2 if loose else 1e-3, atol=1e-3 if loose else 1e-5)
+
+
+def _slice_meta(keys: slice | None):
+    return None if keys is None else [keys.start, keys.stop, keys.step]

@@ -1,0 +1,181 @@
+"""Attention specs: data that tells attnhook how to find an attention module, force it to hand over its
+weights, and read them. One frozen dataclass per attention family; `register()` adds one.
+
+Lookup order for a module: a spec registered for its exact class (latest registration first), then for the
+nearest class in its MRO, then specs whose `match` is a glob on the class name (latest first).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+
+KINDS = ("self", "cross")
+
+
+@dataclass
+class Call:
+    """One call of an attention module, as the spec's functions see it.
+
+    `force` may replace `args` and `kwargs` before the module runs and keep what the caller asked for in
+    `state`; `read` and `restore` see `output` after it ran.
+    """
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    output: Any = None
+    state: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How to record one family of attention modules.
+
+    Args:
+        name: family name shown in `find_attention()` and stored in traces.
+        match: a module class, a glob on the class name (`"*Attention"`, matched against both `__name__`
+            and `module.qualname`), or a tuple of those.
+        read: `read(call) -> Tensor` of attention probabilities, `(batch, heads, queries, keys)`;
+            `(batch, queries, keys)` and `(batch, keys)` mean one head and one query.
+        force: `force(call)`, run before the module: edit `call.args` / `call.kwargs` so that the module
+            returns its per-head weights; keep what the caller asked for in `call.state`. None if the module
+            always returns them.
+        restore: `restore(call) -> output` the caller asked for (for example `None` weights). None keeps the
+            output as it is.
+        kind: `"self"`, `"cross"`, or `kind(call) -> "self" | "cross"` decided from the actual call.
+        heads: `heads(module) -> int`, the number of heads, if it can be read from the module.
+        lengths: `lengths(call) -> (batch, queries, keys)` read from the inputs without forcing anything;
+            lets attnhook follow the decoding position at self-attention sites it does not record.
+
+    Example:
+        >>> import torch, attnhook as ah
+        >>> class Additive(torch.nn.Module):           # Show, Attend and Tell style
+        ...     def __init__(self, d):
+        ...         super().__init__(); self.score = torch.nn.Linear(d, 1)
+        ...     def forward(self, feats, hidden):        # feats (B, K, d), hidden (B, d)
+        ...         alpha = self.score(torch.tanh(feats + hidden[:, None])).squeeze(-1).softmax(-1)
+        ...         return (alpha[..., None] * feats).sum(1), alpha
+        >>> spec = ah.AttentionSpec("additive", Additive, read=lambda call: call.output[1])
+        >>> ah.register(spec)
+        >>> [s.family for s in ah.find_attention(torch.nn.Sequential(Additive(4)))]
+        ['additive']
+        >>> ah.unregister(spec)
+    """
+
+    name: str
+    match: type | str | tuple
+    read: Callable[[Call], torch.Tensor]
+    force: Callable[[Call], None] | None = None
+    restore: Callable[[Call], Any] | None = None
+    kind: str | Callable[[Call], str] = "cross"
+    heads: Callable[[nn.Module], int | None] | None = None
+    lengths: Callable[[Call], tuple[int, int, int]] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"AttentionSpec.name must be a non-empty string, got {self.name!r}.")
+        patterns = self.match if isinstance(self.match, tuple) else (self.match,)
+        for p in patterns:
+            if not (isinstance(p, str) or (isinstance(p, type) and issubclass(p, nn.Module))):
+                raise SpecError(
+                    f"AttentionSpec {self.name!r}: match must be an nn.Module subclass or a glob string, "
+                    f"got {p!r}. Pass the attention class itself, e.g. match=MyAttention."
+                )
+        if not callable(self.read):
+            raise SpecError(f"AttentionSpec {self.name!r}: read must be callable, got {self.read!r}.")
+        if isinstance(self.kind, str) and self.kind not in KINDS:
+            raise SpecError(
+                f"AttentionSpec {self.name!r}: kind must be 'self', 'cross' or a function of the call, "
+                f"got {self.kind!r}."
+            )
+
+    def _classes(self) -> tuple[type, ...]:
+        patterns = self.match if isinstance(self.match, tuple) else (self.match,)
+        return tuple(p for p in patterns if isinstance(p, type))
+
+    def _globs(self) -> tuple[str, ...]:
+        patterns = self.match if isinstance(self.match, tuple) else (self.match,)
+        return tuple(p for p in patterns if isinstance(p, str))
+
+
+_SPECS: list[AttentionSpec] = []
+_LOCK = threading.Lock()
+
+
+def register(spec: AttentionSpec) -> AttentionSpec:
+    """Teach attnhook a new attention module. Later registrations win over earlier ones and built-ins.
+
+    Returns the spec, so it can be used as `spec = register(AttentionSpec(...))`.
+
+    Example:
+        >>> import torch, attnhook as ah
+        >>> class Gate(torch.nn.Module):
+        ...     def forward(self, feats):                # feats (B, K, d)
+        ...         alpha = feats.sum(-1).softmax(-1)
+        ...         return feats, alpha                  # alpha (B, K)
+        >>> spec = ah.register(ah.AttentionSpec("gate", Gate, read=lambda call: call.output[1]))
+        >>> ah.find_attention(torch.nn.Sequential(Gate()))[0].name
+        '0'
+        >>> ah.unregister(spec)
+    """
+    if not isinstance(spec, AttentionSpec):
+        raise SpecError(f"register() takes an AttentionSpec, got {type(spec).__name__}. Build one with "
+                        "attnhook.AttentionSpec(name, match, read=...).")
+    with _LOCK:
+        if spec in _SPECS:
+            _SPECS.remove(spec)
+        _SPECS.append(spec)
+    return spec
+
+
+def unregister(spec: AttentionSpec) -> None:
+    """Remove a spec added with `register()`; unknown specs are ignored."""
+    with _LOCK:
+        if spec in _SPECS:
+            _SPECS.remove(spec)
+
+
+def specs() -> list[AttentionSpec]:
+    """The registered specs, built-ins included, latest first."""
+    _load_builtins()
+    with _LOCK:
+        return list(reversed(_SPECS))
+
+
+def lookup(module: nn.Module) -> AttentionSpec | None:
+    """The spec that describes `module`, or None."""
+    ordered = specs()
+    cls = type(module)
+    for spec in ordered:
+        if cls in spec._classes():
+            return spec
+    for base in cls.__mro__[1:]:
+        for spec in ordered:
+            if base in spec._classes():
+                return spec
+    names = (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")
+    for spec in ordered:
+        if any(fnmatch.fnmatchcase(n, g) for g in spec._globs() for n in names):
+            return spec
+    return None
+
+
+def _register_builtin(spec: AttentionSpec) -> None:
+    """Built-ins go first in the list, so that anything a user registers wins over them."""
+    with _LOCK:
+        if spec not in _SPECS:
+            _SPECS.insert(0, spec)
+
+
+def _load_builtins() -> None:
+    from .adapters import load
+
+    load()
