@@ -168,6 +168,15 @@ def _fastpath_restore() -> None:
 
 
 @dataclass
+class Session:
+    """What a spec's `prepare()` sees: the model, the selected modules that spec matched, the trace."""
+
+    model: nn.Module
+    modules: list
+    trace: Trace
+
+
+@dataclass
 class _Position:
     """Where a site stands in the current sequence: query positions [0, end) seen so far."""
 
@@ -226,6 +235,7 @@ class record:
         self.dtype, self.device, self.keys = dtype, torch.device(device), keys
         self.trace = Trace({"model": type(model).__name__, "keys": _slice_meta(keys)})
         self._handles: list = []
+        self._undo: list = []
         self._calls: dict[str, list[Call]] = {}
         self._kinds: dict[str, str] = {s.name: s.kind for s in found}
         self._positions: dict[str, _Position] = {}
@@ -249,6 +259,13 @@ class record:
         try:
             _fastpath_off()
             self._fast_off = True
+            by_spec: dict = {}
+            for name in self.selected:
+                module = self.model.get_submodule(name)
+                by_spec.setdefault(lookup(module), []).append(module)
+            for spec, modules in by_spec.items():
+                if spec.prepare is not None:
+                    self._undo.append(spec.prepare(Session(self.model, modules, self.trace)))
             for name in list(self.selected) + list(self.watched):
                 module = self.model.get_submodule(name)
                 spec = lookup(module)
@@ -270,6 +287,12 @@ class record:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        errors = []
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as e:  # keep restoring the rest; re-raised below
+                errors.append(e)
         self._calls.clear()
         if getattr(self, "_fast_off", False):
             self._fast_off = False
@@ -278,6 +301,8 @@ class record:
             for m in self._modules:
                 _ACTIVE.pop(m, None)
             self._modules.clear()
+        if errors:
+            raise errors[0]
 
     # --- hooks ---------------------------------------------------------------------------------------
     def _resolve(self, name: str, spec, call: Call) -> str:
@@ -297,10 +322,12 @@ class record:
         if name not in self.selected:
             if kind == "self" and spec.lengths is not None:
                 batch, queries, keys = spec.lengths(call)
-                self._place(name, kind, batch, queries, keys, None)
+                start = spec.start(call) if spec.start is not None else None
+                self._place(name, kind, batch, queries, keys, None, start)
             return None
         if spec.force is not None:
             spec.force(call)
+        call.state["start"] = spec.start(call) if spec.start is not None else None
         self._calls.setdefault(name, []).append(call)
         return call.args, call.kwargs
 
@@ -313,7 +340,7 @@ class record:
         weights = self._check(name, spec, spec.read(call))
         batch, _, queries, keys = weights.shape
         with self._lock:
-            self._place(name, self._kinds[name], batch, queries, keys, weights)
+            self._place(name, self._kinds[name], batch, queries, keys, weights, call.state.get("start"))
         if spec.force is not None and spec.restore is not None:
             return spec.restore(call)
         return None
@@ -345,15 +372,21 @@ class record:
                 )
         return weights
 
-    def _place(self, name: str, kind: str, batch: int, queries: int, keys: int, weights) -> None:
+    def _place(self, name: str, kind: str, batch: int, queries: int, keys: int, weights,
+               known_start: int | None = None) -> None:
         """Decide which query positions this call covers, start a new sequence if it does not continue the
-        current one, and store the rows not held yet."""
+        current one, and store the rows not held yet.
+
+        The first query's position is `known_start` when the spec knows it; else, for self-attention, the
+        number of keys before the queries (a cache, or a recomputed prefix); else, for cross-attention, 0
+        when the call has more queries than positions seen (a recomputed prefix) and the next position
+        otherwise (one step of incremental decoding)."""
         trace = self.trace
         pos = self._positions.get(name)
         if pos is None or pos.epoch != trace._epoch:
             pos = self._positions[name] = _Position(trace._epoch)
         restart = pos.end > 0 and (batch != pos.batch or (kind == "cross" and keys != pos.keys))
-        start = max(keys - queries, 0) if kind == "self" else (0 if queries > pos.end else pos.end)
+        start = self._start(kind, queries, keys, pos.end, known_start)
         if not restart and start < pos.end:
             covers_last = start + queries >= pos.end
             restart = not covers_last or (
@@ -361,7 +394,7 @@ class record:
         if restart:
             trace._advance()
             pos = self._positions[name] = _Position(trace._epoch)
-            start = max(keys - queries, 0) if kind == "self" else 0
+            start = self._start(kind, queries, keys, 0, known_start)
         first = max(start, pos.end)
         pos.end, pos.batch, pos.keys = start + queries, batch, keys
         if weights is None or first >= start + queries:
@@ -375,6 +408,14 @@ class record:
         kept = torch.empty(rows.shape, dtype=self.dtype or rows.dtype, device=self.device)
         kept.copy_(rows.detach())
         trace._append(name, first, kept)
+
+    @staticmethod
+    def _start(kind: str, queries: int, keys: int, end: int, known: int | None) -> int:
+        if known is not None:
+            return known
+        if kind == "self":
+            return max(keys - queries, 0)
+        return 0 if queries > end else end
 
     def _same_row(self, name: str, row: torch.Tensor) -> bool:
         held = self.trace._current(name)

@@ -54,6 +54,11 @@ class AttentionSpec:
         heads: `heads(module) -> int`, the number of heads, if it can be read from the module.
         lengths: `lengths(call) -> (batch, queries, keys)` read from the inputs without forcing anything;
             lets attnhook follow the decoding position at self-attention sites it does not record.
+        start: `start(call) -> int | None`, the absolute position of the call's first query when the module
+            knows it (a cache position); None falls back to the key-length rule (see docs/recording.md).
+        prepare: `prepare(session) -> undo`, run once per spec when recording begins, with `session.model`,
+            `session.modules` (the selected modules this spec matched) and `session.trace`; `undo()` runs on
+            exit, after an exception too. For switches that live on the model rather than the module.
 
     Example:
         >>> import torch, attnhook as ah
@@ -63,8 +68,7 @@ class AttentionSpec:
         ...     def forward(self, feats, hidden):        # feats (B, K, d), hidden (B, d)
         ...         alpha = self.score(torch.tanh(feats + hidden[:, None])).squeeze(-1).softmax(-1)
         ...         return (alpha[..., None] * feats).sum(1), alpha
-        >>> spec = ah.AttentionSpec("additive", Additive, read=lambda call: call.output[1])
-        >>> ah.register(spec)
+        >>> spec = ah.register(ah.AttentionSpec("additive", Additive, read=lambda call: call.output[1]))
         >>> [s.family for s in ah.find_attention(torch.nn.Sequential(Additive(4)))]
         ['additive']
         >>> ah.unregister(spec)
@@ -78,6 +82,8 @@ class AttentionSpec:
     kind: str | Callable[[Call], str] = "cross"
     heads: Callable[[nn.Module], int | None] | None = None
     lengths: Callable[[Call], tuple[int, int, int]] | None = None
+    start: Callable[[Call], int | None] | None = None
+    prepare: Callable[[Any], Callable[[], None]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
