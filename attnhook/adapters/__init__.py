@@ -6,12 +6,18 @@ import importlib
 import sys
 
 # adapter module -> the library that must already be imported for it to load
-_ADAPTERS = {"torch": "torch"}
+_ADAPTERS = {"torch": "torch", "transformers": "transformers"}
 _LOADED: set[str] = set()
 
 
 def load() -> None:
     for adapter, library in _ADAPTERS.items():
         if adapter not in _LOADED and library in sys.modules:
+            try:
+                module = importlib.import_module(f"{__name__}.{adapter}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{__name__}.{adapter}":
+                    raise
+                continue  # adapter not written yet
             _LOADED.add(adapter)
-            importlib.import_module(f"{__name__}.{adapter}").register_builtins()
+            module.register_builtins()
