@@ -239,6 +239,7 @@ class record:
         self._calls: dict[str, list[Call]] = {}
         self._kinds: dict[str, str] = {s.name: s.kind for s in found}
         self._positions: dict[str, _Position] = {}
+        self._clock: tuple[int, int, int, int] | None = None  # (epoch, batch, queries, start) of the last self call
         self._checked: set[str] = set()
         self._modules: list[nn.Module] = []
         self._lock = threading.Lock()
@@ -386,6 +387,11 @@ class record:
         if pos is None or pos.epoch != trace._epoch:
             pos = self._positions[name] = _Position(trace._epoch)
         restart = pos.end > 0 and (batch != pos.batch or (kind == "cross" and keys != pos.keys))
+        if known_start is None and kind == "cross" and self._clock is not None:
+            # a cross-attention call follows the self-attention call of the same decoder pass
+            epoch, b, q, s = self._clock
+            if (epoch, b, q) == (trace._epoch, batch, queries):
+                known_start = s
         start = self._start(kind, queries, keys, pos.end, known_start)
         if not restart and start < pos.end:
             covers_last = start + queries >= pos.end
@@ -395,6 +401,8 @@ class record:
             trace._advance()
             pos = self._positions[name] = _Position(trace._epoch)
             start = self._start(kind, queries, keys, 0, known_start)
+        if kind == "self":
+            self._clock = (trace._epoch, batch, queries, start)
         first = max(start, pos.end)
         pos.end, pos.batch, pos.keys = start + queries, batch, keys
         if weights is None or first >= start + queries:

@@ -14,15 +14,13 @@ _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 def _bind(call: Call) -> inspect.BoundArguments:
     # Callers pass need_weights by keyword or positionally; binding to the signature handles both.
-    bound = _SIGNATURE.bind(call.module, *call.args, **call.kwargs)
-    bound.apply_defaults()
-    return bound
+    return _SIGNATURE.bind(call.module, *call.args, **call.kwargs)
 
 
 def _force(call: Call) -> None:
     bound = _bind(call)
-    call.state["need_weights"] = bound.arguments["need_weights"]
-    call.state["average"] = bound.arguments["average_attn_weights"]
+    call.state["need_weights"] = bound.arguments.get("need_weights", True)
+    call.state["average"] = bound.arguments.get("average_attn_weights", True)
     bound.arguments["need_weights"] = True
     bound.arguments["average_attn_weights"] = False
     call.args, call.kwargs = bound.args[1:], bound.kwargs
@@ -43,8 +41,8 @@ def _restore(call: Call):
 
 
 def _query_key(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    bound = _SIGNATURE.bind(call.module, *call.args, **call.kwargs)
-    return bound.arguments["query"], bound.arguments["key"]
+    arguments = _bind(call).arguments
+    return arguments["query"], arguments["key"]
 
 
 def _kind(call: Call) -> str:
