@@ -4,6 +4,8 @@ from .errors import AttnHookError
 from .record import find_attention, record
 from .registry import AttentionSpec, register, unregister
 from .trace import Site, Trace
+from .tracefile import load
 
 __version__ = "0.1.0"
-__all__ = ["AttentionSpec", "AttnHookError", "Site", "Trace", "find_attention", "record", "register", "unregister"]
+__all__ = ["AttentionSpec", "AttnHookError", "Site", "Trace", "find_attention", "load", "record", "register",
+           "unregister"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -16,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .errors import NoAttentionFound, RecordingError, SelectionError, SpecError
+from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SelectionError, SpecError
 from .registry import Call, lookup, specs
 from .trace import Site, Trace, layer_of
 
@@ -196,6 +197,9 @@ class record:
         dtype: storage dtype of the rows (e.g. `torch.float16`); None keeps the captured dtype.
         device: where rows are kept; CPU by default, detached.
         keys: a `slice` of the key axis to keep (e.g. `slice(1, None)` drops a CLS token).
+        max_bytes: stop keeping rows once they would hold more than this; the trace is marked `cut`.
+        on_limit: at `max_bytes`, `"warn"` (an `AttnHookWarning`, recording stops, the model runs on) or
+            `"raise"` (a `RecordingError` out of the model call).
 
     Yields a `Trace`. Decoding styles all give one row per query position: incremental decoding (one query
     per call), full recomputation of the prefix at every step (rows already held are skipped), and a single
@@ -218,11 +222,16 @@ class record:
     """
 
     def __init__(self, model: nn.Module, sites="all", *, layers=None, dtype: torch.dtype | None = None,
-                 device="cpu", keys: slice | None = None):
+                 device="cpu", keys: slice | None = None, max_bytes: int | None = None, on_limit: str = "warn"):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise RecordingError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}.")
         if keys is not None and not isinstance(keys, slice):
             raise RecordingError(f"keys must be a slice of the key axis, e.g. slice(1, None), got {keys!r}.")
+        if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 0):
+            raise RecordingError(f"max_bytes must be a non-negative int, got {max_bytes!r}.")
+        if on_limit not in ("warn", "raise"):
+            raise RecordingError(f"on_limit must be 'warn' or 'raise', got {on_limit!r}.")
+        self.max_bytes, self.on_limit, self._kept = max_bytes, on_limit, 0
         self.model = model
         found = find_attention(model)
         self.selected = {s.name: s for s in select(found, sites, layers)}
@@ -413,9 +422,27 @@ class record:
         rows = weights[:, :, first - start:]
         if self.keys is not None:
             rows = rows[..., self.keys]
-        kept = torch.empty(rows.shape, dtype=self.dtype or rows.dtype, device=self.device)
+        dtype = self.dtype or rows.dtype
+        if self.max_bytes is not None and not self._room(rows.numel() * dtype.itemsize):
+            return
+        kept = torch.empty(rows.shape, dtype=dtype, device=self.device)
         kept.copy_(rows.detach())
         trace._append(name, first, kept)
+
+    def _room(self, nbytes: int) -> bool:
+        if self.trace.cut:
+            return False
+        if self._kept + nbytes <= self.max_bytes:
+            self._kept += nbytes
+            return True
+        self.trace.cut = True
+        message = (f"attnhook.record(max_bytes={self.max_bytes}): the rows would exceed the budget after "
+                   f"{self._kept} bytes; recording stopped and the trace is marked cut (trace.cut). Select fewer "
+                   "sites or layers, store float16 (dtype=torch.float16), slice the keys, or raise max_bytes.")
+        if self.on_limit == "raise":
+            raise RecordingError(message)
+        warnings.warn(message, AttnHookWarning, stacklevel=2)
+        return False
 
     @staticmethod
     def _start(kind: str, queries: int, keys: int, end: int, known: int | None) -> int:

@@ -169,6 +169,26 @@ class Trace:
     def _has_rows(self, seq: int) -> bool:
         return any(k[1] == seq and r.chunks for k, r in self._rows.items())
 
+    def save(self, path) -> "Path":
+        """Write the trace to one safetensors file (atomically); read it back with `attnhook.load(path)`.
+
+        Rows are tensors named `{site}/{sequence}/{position}`; sites, sequences and `trace.meta` (tokens, words,
+        grid, image size, ...; JSON only) go into the metadata. Format: docs/trace-format.md.
+
+        Example:
+            >>> import torch, tempfile, os, attnhook as ah
+            >>> layer = torch.nn.TransformerDecoderLayer(16, 2, batch_first=True).eval()
+            >>> with ah.record(layer, sites="cross") as trace:
+            ...     _ = layer(torch.randn(2, 3, 16), torch.randn(2, 6, 16))
+            >>> trace.meta["words"] = [["a", "red", "circle"], ["a", "blue", "square"]]
+            >>> path = trace.save(os.path.join(tempfile.mkdtemp(), "run.safetensors"))
+            >>> ah.load(path).meta["words"][1]
+            ['a', 'blue', 'square']
+        """
+        from .tracefile import save
+
+        return save(self, path)
+
     def __repr__(self) -> str:
         return (f"Trace({len(self._sites)} sites, {self.sequences} sequence(s), "
                 f"{self.nbytes / 2**20:.2f} MiB{', cut' if self.cut else ''})")

@@ -1,0 +1,224 @@
+"""Trace files: round trips, the pinned format, and refusing bad files."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+import attnhook as ah
+from attnhook.errors import AttnHookWarning, RecordingError, TraceFileError
+from attnhook.grid import Grid
+from attnhook.tracefile import VERSION
+from captioners import BOS, TransformerCaptioner, images
+from golden import GOLDEN, golden_trace
+from test_record import assert_clean
+
+ROOT = Path(__file__).parents[1]
+
+
+def assert_same(a: ah.Trace, b: ah.Trace):
+    assert a.sites == b.sites and a.sequences == b.sequences and a.cut == b.cut and a.meta == b.meta
+    for seq in range(a.sequences):
+        for site in a.sites:
+            for f in ("weights", "positions", "key_lengths"):
+                x, y = getattr(a, f)(site, seq), getattr(b, f)(site, seq)
+                assert x.dtype == y.dtype and torch.equal(x, y), (site.name, seq, f)
+
+
+def recorded() -> ah.Trace:
+    model = TransformerCaptioner()
+    with ah.record(model, dtype=torch.float16) as trace:  # self rows grow, cross rows don't; two runs
+        t1, _ = model.greedy(images(seed=1), steps=4)
+        t2, _ = model.greedy(images(seed=2), steps=3)
+    trace.meta.update(tokens=[t1.tolist(), t2.tolist()], image_size=[32, 48], grid=Grid(4, 6, rule="given"))
+    return trace
+
+
+def test_round_trip_keeps_every_row_site_sequence_and_meta(tmp_path):
+    trace = recorded()
+    assert trace.sequences == 2 and len(trace.sites) == 4
+    path = trace.save(tmp_path / "sub" / "run.safetensors")
+    again = ah.load(path)
+    assert_same(trace, again)
+    assert again.meta["grid"].rows == 4 and again.meta["tokens"][1][0][0] == BOS
+    assert [p.name for p in path.parent.iterdir()] == ["run.safetensors"]  # no temporary file left
+
+
+def test_the_golden_file_pins_the_format(tmp_path):
+    """A change in what save() writes fails here: change the format on purpose, bump VERSION, keep reading
+    the old version, and regenerate with `python tests/golden.py`."""
+    golden = ah.load(GOLDEN)
+    assert_same(golden, golden_trace())
+    written = GOLDEN.read_bytes()
+    fresh = golden_trace().save(tmp_path / "fresh.safetensors").read_bytes()
+    a, b = _header_of(written), _header_of(fresh)
+    a.pop("attnhook_version"), b.pop("attnhook_version")
+    assert a == b
+    old, new = st_load(written), st_load(fresh)
+    assert old.keys() == new.keys()
+    assert all(old[k].dtype == new[k].dtype and torch.equal(old[k], new[k]) for k in old)
+    assert VERSION == 1
+
+
+def test_the_metadata_follows_the_published_json_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / "docs" / "trace-format.schema.json").read_text())
+    jsonschema.validate(_header_of(GOLDEN.read_bytes()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**_header_of(GOLDEN.read_bytes()), "format_version": 2}, schema)
+
+
+def _header_of(data: bytes) -> dict:
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(json.loads(data[8:8 + n])["__metadata__"]["attnhook"])
+
+
+def _rewrite(tmp_path, edit_header=None, edit_tensors=None, name="bad.safetensors") -> Path:
+    data = GOLDEN.read_bytes()
+    header, tensors = _header_of(data), dict(st_load(data))
+    if edit_header:
+        edit_header(header)
+    if edit_tensors:
+        edit_tensors(tensors)
+    path = tmp_path / name
+    path.write_bytes(st_save(tensors, metadata={"attnhook": json.dumps(header)}))
+    return path
+
+
+def _set(d, key, value):
+    d[key] = value
+
+
+@pytest.mark.parametrize("case,damage,expected", [
+    ("missing", None, "cannot read"),
+    ("empty", lambda p: p.write_bytes(b""), "too short"),
+    ("truncated-header", lambda p: p.write_bytes(GOLDEN.read_bytes()[:100]), "truncated"),
+    ("truncated-data", lambda p: p.write_bytes(GOLDEN.read_bytes()[:-10]), "truncated or damaged"),
+    ("garbage", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4), "truncated or not"),
+    ("not-json", lambda p: p.write_bytes(struct.pack("<Q", 4) + b"{{{{"), "not valid safetensors JSON"),
+    ("plain-safetensors", lambda p: p.write_bytes(st_save({"x": torch.ones(2)})), "not an attnhook trace"),
+])
+def test_unreadable_files_are_refused_with_the_file_named(tmp_path, case, damage, expected):
+    path = tmp_path / f"{case}.safetensors"
+    if damage:
+        damage(path)
+    with pytest.raises(TraceFileError) as err:
+        ah.load(path)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda h: _set(h, "format_version", 2), "version 2.*newer attnhook"),
+    (lambda h: _set(h, "format_version", 0), "version 0"),
+    (lambda h: _set(h, "format", "other"), "'format' must be"),
+    (lambda h: h["sites"][0].update(heads=3), r"metadata says .* = \(1, 3, 1\)"),
+    (lambda h: h["sequences"][0]["rows"]["decoder.layers.1.cross_attn"].update(keys=[7, 7, 8]), r"\(1, 2, 8\)"),
+    (lambda h: h["sequences"][0]["rows"]["decoder.layers.1.cross_attn"].update(positions=[0, 1, 3]),
+     "is missing"),
+    (lambda h: h["sites"].pop(), "unknown site"),
+    (lambda h: h["sites"][0].update(kind="sideways"), "kind must be"),
+    (lambda h: _set(h["meta"], "grid", {"__grid__": {"rows": 2}}), "grid"),
+])
+def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path, edit, expected):
+    with pytest.raises(TraceFileError, match=expected) as err:
+        ah.load(_rewrite(tmp_path, edit_header=edit))
+    assert "bad.safetensors" in str(err.value)
+
+
+def test_missing_and_unexpected_tensors_are_refused(tmp_path):
+    with pytest.raises(TraceFileError, match="decoder.layers.1.self_attn/0/2.*missing"):
+        ah.load(_rewrite(tmp_path, edit_tensors=lambda t: t.pop("decoder.layers.1.self_attn/0/2")))
+    with pytest.raises(TraceFileError, match="not listed"):
+        ah.load(_rewrite(tmp_path, edit_tensors=lambda t: t.update(extra=torch.ones(1))))
+    with pytest.raises(TraceFileError, match="int64"):
+        ah.load(_rewrite(tmp_path, edit_tensors=lambda t: t.update(
+            {"decoder.layers.1.cross_attn/1/0": torch.ones(1, 2, 7, dtype=torch.long)})))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_bytes_give_a_trace_or_a_trace_file_error(tmp_path, data):
+    raw = bytearray(GOLDEN.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    for _ in range(data.draw(st.integers(1, 4))):
+        # mostly hit the JSON header, where structure lives; sometimes the length or the tensor bytes
+        where = data.draw(st.one_of(st.integers(8, 8 + n - 1), st.integers(0, len(raw) - 1)))
+        raw[where] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    path = tmp_path / "mutated.safetensors"
+    path.write_bytes(bytes(raw))
+    try:
+        trace = ah.load(path)
+    except TraceFileError:
+        return
+    for seq in range(trace.sequences):  # a file that loads is a usable trace
+        for site in trace.sites:
+            trace.weights(site, seq)
+
+
+def test_saving_is_atomic(tmp_path):
+    path = golden_trace().save(tmp_path / "run.safetensors")
+    before = path.read_bytes()
+    broken = golden_trace()
+    broken.meta["model"] = object()  # not JSON: refused before anything is written
+    with pytest.raises(TraceFileError, match=r"trace.meta\['model'\] is a object"):
+        broken.save(path)
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(TraceFileError, match="cannot write"):
+        golden_trace().save(tmp_path / "dir.safetensors")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "run.safetensors"]
+
+
+def test_no_pickle_anywhere_in_the_package():
+    pattern = re.compile(r"\bpickle\b|torch\.load\(|allow_pickle\s*=\s*True|\bdill\b|joblib")
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "attnhook").rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders
+
+
+# --- a memory budget for recording ----------------------------------------------------------------------
+def test_max_bytes_stops_recording_with_a_warning_and_the_trace_says_it_was_cut(tmp_path):
+    model = TransformerCaptioner()
+    tokens0, _ = model.greedy(images(), steps=8)
+    with ah.record(model, sites="cross") as full:
+        model.greedy(images(), steps=8)
+    budget = full.nbytes // 3
+    with pytest.warns(AttnHookWarning, match="max_bytes"):
+        with ah.record(model, sites="cross", max_bytes=budget) as trace:
+            tokens, _ = model.greedy(images(), steps=8)
+    assert torch.equal(tokens, tokens0)  # the model runs on
+    assert trace.cut and 0 < trace.nbytes <= budget
+    site = trace.sites[0]
+    kept = trace.weights(site).shape[1]
+    assert 0 < kept < 8
+    assert torch.equal(trace.weights(site), full.weights(site)[:, :kept])
+    again = ah.load(trace.save(tmp_path / "cut.safetensors"))
+    assert again.cut and "cut" in repr(again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ah.record(model, sites="cross", max_bytes=full.nbytes) as whole:
+            model.greedy(images(), steps=8)
+    assert not whole.cut
+
+
+def test_max_bytes_can_raise_instead(tmp_path):
+    model = TransformerCaptioner()
+    with pytest.raises(RecordingError, match="max_bytes=100"):
+        with ah.record(model, sites="cross", max_bytes=100, on_limit="raise") as trace:
+            model.greedy(images(), steps=8)
+    assert trace.cut
+    assert_clean(model)
+    with pytest.raises(RecordingError, match="on_limit"):
+        ah.record(model, max_bytes=10, on_limit="ignore")
