@@ -235,10 +235,13 @@ class record:
         self.model = model
         found = find_attention(model)
         self.selected = {s.name: s for s in select(found, sites, layers)}
-        kinds = sites if isinstance(sites, (list, tuple, set)) else [sites]
-        self._wanted = {k for k in kinds if k in ("self", "cross")} or {"self", "cross"}
-        if any(k not in ("self", "cross") for k in kinds):
-            self._wanted = {"self", "cross"}  # a name or "all" selects whatever kind the site has
+        # An "auto" site picked only by a kind selector is dropped (never forced) if its call says otherwise;
+        # one picked by name, glob or "all" is recorded whatever its kind.
+        items = list(sites) if isinstance(sites, (list, tuple, set)) else [sites]
+        by_kind = {i for i in items if i in ("self", "cross")}
+        others = [i for i in items if i not in by_kind]
+        named = {s.name for s in _by_which(found, others)} if others else set()
+        self._wanted = {n: {"self", "cross"} if n in named else by_kind for n in self.selected}
         # self-attention sites not recorded are still watched (no forcing) to follow the decoding position
         self.watched = {s.name: s for s in found if s.name not in self.selected and s.kind in ("self", "auto")}
         self.dtype, self.device, self.keys = dtype, torch.device(device), keys
@@ -320,7 +323,7 @@ class record:
         if kind == "auto":
             kind = spec.kind(call) if callable(spec.kind) else spec.kind
             self._kinds[name] = kind
-            if name in self.selected and kind not in self._wanted:
+            if name in self.selected and kind not in self._wanted[name]:
                 del self.selected[name]  # the call says it is of a kind that was not asked for: never forced
                 if kind == "self":
                     self.watched[name] = Site(name, spec.name, kind)

@@ -349,6 +349,10 @@ def test_kind_is_decided_from_the_call_when_names_do_not_tell():
     with ah.record(model, sites="cross") as trace:
         model.greedy(images(), steps=3)
     assert [(s.name, s.kind) for s in trace.sites] == [("layers.0.attn_b", "cross"), ("layers.1.attn_b", "cross")]
+    with ah.record(model, sites=["cross", "layers.0.attn_a"]) as trace:  # a name keeps a site of either kind
+        model.greedy(images(), steps=3)
+    assert [(s.name, s.kind) for s in trace.sites] == [
+        ("layers.0.attn_a", "self"), ("layers.0.attn_b", "cross"), ("layers.1.attn_b", "cross")]
 
 
 def test_selection_by_kind_glob_and_layer_and_unselected_sites_are_not_forced():
