@@ -17,9 +17,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SelectionError, SpecError
+from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SpecError
 from .registry import Call, lookup, specs
-from .trace import Site, Trace, layer_of
+from .trace import Site, Trace, _by_which, layer_of, select
 
 # attribute names that say what an attention module attends to, when the spec cannot say it
 _CROSS_NAMES = ("multihead_attn", "*cross*", "encoder_attn", "*enc_dec*", "src_attn", "context_attn")
@@ -77,74 +77,6 @@ def find_attention(model: nn.Module) -> list[Site]:
             "read=lambda call: call.output[1])); see docs/recording.md."
         )
     return sites
-
-
-def select(sites: list[Site], which="all", layers=None) -> list[Site]:
-    """Pick sites by kind (`"all"`, `"self"`, `"cross"`), name glob, `Site`, or a list of those; then by
-    layer index (negative counts from the end of each stack). Sites of kind `"auto"` pass a kind selector
-    and are dropped later if their actual call says otherwise."""
-    chosen = _by_which(sites, which)
-    if layers is not None:
-        chosen = _by_layer(chosen, layers)
-    return chosen
-
-
-def _by_which(sites: list[Site], which) -> list[Site]:
-    items = which if isinstance(which, (list, tuple, set)) else [which]
-    names = [s.name for s in sites]
-    picked: dict[str, Site] = {}
-    for item in items:
-        if isinstance(item, Site):
-            item = item.name
-        if not isinstance(item, str):
-            raise SelectionError(
-                f"A site selector must be 'all', 'self', 'cross', a name glob or a Site, got {item!r}."
-            )
-        if item == "all":
-            hits = sites
-        elif item in ("self", "cross"):
-            hits = [s for s in sites if s.kind in (item, "auto")]
-        else:
-            hits = [s for s in sites if fnmatch.fnmatchcase(s.name, item)]
-        if not hits:
-            raise SelectionError(
-                f"Site selector {item!r} matched nothing. Available sites: "
-                + "; ".join(str(s) for s in sites)
-                + ". Select by kind ('self', 'cross', 'all'), by one of these names, or by a glob such as "
-                f"'*{names[0].rsplit('.', 1)[-1]}'."
-            )
-        picked.update((s.name, s) for s in hits)
-    return [s for s in sites if s.name in picked]
-
-
-def _by_layer(sites: list[Site], layers) -> list[Site]:
-    wanted = [layers] if isinstance(layers, int) else list(layers)
-    if not wanted or not all(isinstance(i, int) for i in wanted):
-        raise SelectionError(f"layers must be an int or a list of ints (negative from the end), got {layers!r}.")
-    stacks: dict[str, list[int]] = {}
-    for s in sites:
-        if s.layer is not None:
-            stacks.setdefault(s.stack, []).append(s.layer)
-    chosen = []
-    for s in sites:
-        if s.layer is None:
-            continue
-        present = sorted(set(stacks[s.stack]))
-        resolved = set()
-        for i in wanted:
-            if i < 0 and -len(present) <= i:
-                resolved.add(present[i])
-            elif i >= 0:
-                resolved.add(i)
-        if s.layer in resolved:
-            chosen.append(s)
-    if not chosen:
-        have = sorted({s.layer for s in sites if s.layer is not None})
-        raise SelectionError(
-            f"layers={layers!r} matched none of the selected sites; their layer indices are {have or 'none'}. "
-            "Use one of those, or -1 for the last layer of each stack."
-        )
-    return chosen
 
 
 # --- global state shared by recorders: the MHA fast-path switch and which modules are being recorded ----

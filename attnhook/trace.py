@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from .errors import RecordingError
+from .errors import RecordingError, SelectionError
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,74 @@ class Site:
 def layer_of(name: str) -> int | None:
     digits = [p for p in name.split(".") if p.isdigit()]
     return int(digits[-1]) if digits else None
+
+
+def select(sites: list[Site], which="all", layers=None) -> list[Site]:
+    """Pick sites by kind (`"all"`, `"self"`, `"cross"`), name glob, `Site`, or a list of those; then by
+    layer index (negative counts from the end of each stack). Sites of kind `"auto"` pass a kind selector
+    and are dropped later if their actual call says otherwise."""
+    chosen = _by_which(sites, which)
+    if layers is not None:
+        chosen = _by_layer(chosen, layers)
+    return chosen
+
+
+def _by_which(sites: list[Site], which) -> list[Site]:
+    items = which if isinstance(which, (list, tuple, set)) else [which]
+    names = [s.name for s in sites]
+    picked: dict[str, Site] = {}
+    for item in items:
+        if isinstance(item, Site):
+            item = item.name
+        if not isinstance(item, str):
+            raise SelectionError(
+                f"A site selector must be 'all', 'self', 'cross', a name glob or a Site, got {item!r}."
+            )
+        if item == "all":
+            hits = sites
+        elif item in ("self", "cross"):
+            hits = [s for s in sites if s.kind in (item, "auto")]
+        else:
+            hits = [s for s in sites if fnmatch.fnmatchcase(s.name, item)]
+        if not hits:
+            raise SelectionError(
+                f"Site selector {item!r} matched nothing. Available sites: "
+                + "; ".join(str(s) for s in sites)
+                + ". Select by kind ('self', 'cross', 'all'), by one of these names, or by a glob such as "
+                f"'*{names[0].rsplit('.', 1)[-1]}'."
+            )
+        picked.update((s.name, s) for s in hits)
+    return [s for s in sites if s.name in picked]
+
+
+def _by_layer(sites: list[Site], layers) -> list[Site]:
+    wanted = [layers] if isinstance(layers, int) else list(layers)
+    if not wanted or not all(isinstance(i, int) for i in wanted):
+        raise SelectionError(f"layers must be an int or a list of ints (negative from the end), got {layers!r}.")
+    stacks: dict[str, list[int]] = {}
+    for s in sites:
+        if s.layer is not None:
+            stacks.setdefault(s.stack, []).append(s.layer)
+    chosen = []
+    for s in sites:
+        if s.layer is None:
+            continue
+        present = sorted(set(stacks[s.stack]))
+        resolved = set()
+        for i in wanted:
+            if i < 0 and -len(present) <= i:
+                resolved.add(present[i])
+            elif i >= 0:
+                resolved.add(i)
+        if s.layer in resolved:
+            chosen.append(s)
+    if not chosen:
+        have = sorted({s.layer for s in sites if s.layer is not None})
+        raise SelectionError(
+            f"layers={layers!r} matched none of the selected sites; their layer indices are {have or 'none'}. "
+            "Use one of those, or -1 for the last layer of each stack."
+        )
+    return chosen
 
 
 @dataclass
@@ -169,7 +238,7 @@ class Trace:
     def _has_rows(self, seq: int) -> bool:
         return any(k[1] == seq and r.chunks for k, r in self._rows.items())
 
-    def save(self, path) -> "Path":
+    def save(self, path):
         """Write the trace to one safetensors file (atomically); read it back with `attnhook.load(path)`.
 
         Rows are tensors named `{site}/{sequence}/{position}`; sites, sequences and `trace.meta` (tokens, words,
