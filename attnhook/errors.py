@@ -28,7 +28,13 @@ class GridError(AttnHookError):
 
 
 class AmbiguousGrid(GridError):
-    """Several key layouts fit the evidence; the message lists them and the argument that settles it."""
+    """Several key layouts fit the evidence; the message lists them and the argument that settles it.
+
+    Attributes:
+        candidates: the `Grid`s that fit, most likely first.
+    """
+
+    candidates: list = []
 
 
 class TraceFileError(AttnHookError):

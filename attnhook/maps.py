@@ -13,8 +13,7 @@ import torch
 
 from .errors import GridError, RenderError, SelectionError
 from .grid import Grid
-from .trace import select
-from .trace import Site, Trace
+from .trace import Site, Trace, select
 
 #: Default Gaussian sigma, in grid cells. Show, Attend and Tell smoothed with about 1.25 cells
 #: (`pyramid_expand(upscale=16, sigma=20)`), a widely used PyTorch tutorial with 1/3 cell (`upscale=24, sigma=8`).

@@ -143,7 +143,18 @@ def register(spec: AttentionSpec) -> AttentionSpec:
 
 
 def unregister(spec: AttentionSpec) -> None:
-    """Remove a spec added with `register()`; unknown specs are ignored."""
+    """Remove a spec added with `register()`; unknown specs are ignored.
+
+    Example:
+        >>> import torch, attnhook as ah
+        >>> spec = ah.register(ah.AttentionSpec("mha-as-self", torch.nn.MultiheadAttention,
+        ...                                     read=lambda call: call.output[1], kind="self"))
+        >>> ah.find_attention(torch.nn.MultiheadAttention(8, 2))[0].family
+        'mha-as-self'
+        >>> ah.unregister(spec)
+        >>> ah.find_attention(torch.nn.MultiheadAttention(8, 2))[0].family
+        'torch.MultiheadAttention'
+    """
     with _LOCK:
         if spec in _SPECS:
             _SPECS.remove(spec)

@@ -222,3 +222,33 @@ def test_max_bytes_can_raise_instead(tmp_path):
     assert_clean(model)
     with pytest.raises(RecordingError, match="on_limit"):
         ah.record(model, max_bytes=10, on_limit="ignore")
+
+
+def test_a_loaded_trace_renders_exactly_like_the_fresh_one(tmp_path):
+    """Identical map arrays, identical overlay and figure pixels (invariant: the renderer knows nothing of
+    where a trace came from)."""
+    import numpy as np
+
+    from attnhook.render import overlay, plot_words
+
+    model = TransformerCaptioner()
+    x = images(1, (32, 48), seed=7)
+    with ah.record(model, sites="cross") as fresh:
+        tokens, _ = model.greedy(x, steps=4)
+    grid = Grid(4, 6, rule="given")
+    fresh.meta.update(grid=grid, words=[[str(t) for t in tokens[0, 1:].tolist()]])
+    loaded = ah.load(fresh.save(tmp_path / "run.safetensors"))
+    a = ah.attention_maps(fresh, fresh.meta["grid"])
+    b = ah.attention_maps(loaded, loaded.meta["grid"])
+    assert a.shape == (1, 4, 4, 6) and np.array_equal(a, b)
+    image = (x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(overlay(image, a[0, 2], grid=grid)),
+                          np.asarray(overlay(image, b[0, 2], grid=loaded.meta["grid"])))
+
+    def pixels(trace):
+        fig = plot_words(image, trace.meta["words"][0], ah.attention_maps(trace, trace.meta["grid"])[0],
+                         grid=trace.meta["grid"])
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())
+
+    assert np.array_equal(pixels(fresh), pixels(loaded))
