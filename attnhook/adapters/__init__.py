@@ -13,11 +13,5 @@ _LOADED: set[str] = set()
 def load() -> None:
     for adapter, library in _ADAPTERS.items():
         if adapter not in _LOADED and library in sys.modules:
-            try:
-                module = importlib.import_module(f"{__name__}.{adapter}")
-            except ModuleNotFoundError as e:
-                if e.name != f"{__name__}.{adapter}":
-                    raise
-                continue  # adapter not written yet
             _LOADED.add(adapter)
-            module.register_builtins()
+            importlib.import_module(f"{__name__}.{adapter}").register_builtins()

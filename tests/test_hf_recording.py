@@ -1,0 +1,222 @@
+"""How the transformers adapter switches attention on and off, what it keeps, and how it fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+import attnhook as ah  # noqa: E402
+from attnhook.adapters.transformers import keep_all_rows  # noqa: E402
+from attnhook.errors import RecordingError  # noqa: E402
+from test_hf_matrix import blip2, hooks, implementations, llava, qwen2vl, ved_gpt2, ved_trocr  # noqa: E402
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+GREEDY = {"max_new_tokens": 5, "do_sample": False, "no_repeat_ngram_size": 1}
+
+
+class CountSDPA(torch.overrides.TorchFunctionMode):
+    """Counts calls of torch's fused attention kernel (what transformers' sdpa implementation runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_only_recorded_sites_leave_sdpa_and_everything_is_restored():
+    case = llava(batch=1)
+    model = case.model
+    text, vision = model.config.text_config, model.config.vision_config
+    with CountSDPA() as plain:
+        ref = model.generate(**case.inputs, **GREEDY)
+    steps = ref.shape[1] - case.prompt
+    before_hooks, before_impl = hooks(model), implementations(model)
+    with ah.record(model, sites="model.language_model.*", layers=-1) as trace:
+        # inside: only the text config is switched, and the name is registered with its mask function
+        assert text._attn_implementation == "attnhook" and vision._attn_implementation == "sdpa"
+        assert "attnhook" in ALL_ATTENTION_FUNCTIONS and "attnhook" in ALL_MASK_ATTENTION_FUNCTIONS
+        with CountSDPA() as recorded:
+            out = model.generate(**case.inputs, **GREEDY)
+    assert torch.equal(out, ref)
+    # the recorded last layer ran eager once per step; layer 0 and the vision tower still ran the fused kernel
+    assert plain.calls - recorded.calls == steps
+    assert recorded.calls > 0
+    assert [s.name for s in trace.sites] == ["model.language_model.layers.1.self_attn"]
+    assert hooks(model) == before_hooks and implementations(model) == before_impl
+    assert "attnhook" not in ALL_ATTENTION_FUNCTIONS and "attnhook" not in ALL_MASK_ATTENTION_FUNCTIONS
+
+
+def test_sites_of_the_other_kind_go_back_to_sdpa_after_one_call():
+    """GPT-2's `attn` and ViT's `attention` do not say their kind by name: under sites="cross" they are
+    switched too, until their first call shows they are self-attention; then they run sdpa again."""
+    case = ved_gpt2()
+    model = case.model
+    with CountSDPA() as plain:
+        ref = model.generate(**case.inputs, **GREEDY)
+    steps = ref.shape[1] - 1
+    with ah.record(model, sites="cross") as trace:
+        with CountSDPA() as recorded:
+            out = model.generate(**case.inputs, **GREEDY)
+    assert torch.equal(out, ref) and len(trace.sites) == 2
+    layers = 2
+    # eager: the 2 cross-attention layers at every step; the 2 decoder self-attention layers and the 2 ViT
+    # layers (`attention`, also of unknown kind until called) only at their first call
+    assert plain.calls - recorded.calls == layers * steps + layers + layers
+
+
+def test_restored_after_an_exception_inside_the_block():
+    case = llava(batch=1)
+    model = case.model
+    model.generate(**case.inputs, max_new_tokens=1)  # let transformers install its own lazy hooks first
+    before_hooks, before_impl = hooks(model), implementations(model)
+    with pytest.raises(KeyboardInterrupt):
+        with ah.record(model, sites="model.language_model.*"):
+            model.generate(**case.inputs, max_new_tokens=2)
+            raise KeyboardInterrupt
+    assert hooks(model) == before_hooks and implementations(model) == before_impl
+    assert "attnhook" not in ALL_ATTENTION_FUNCTIONS
+    with ah.record(model, sites="model.language_model.*") as trace:  # and it records again afterwards
+        model.generate(**case.inputs, max_new_tokens=2)
+    assert trace.weights(trace.sites[0]).shape[1] == 2
+
+
+def test_eager_model_keeps_eager_and_callers_get_weights_they_had():
+    """A sub-model that was already eager returns its weights to `output_attentions` callers as before."""
+    case = llava(batch=1)
+    model = case.model
+    model.set_attn_implementation("eager")
+    ids = case.inputs["input_ids"]
+    ref = model(**case.inputs, output_attentions=True)
+    with ah.record(model, sites="model.language_model.*") as trace:
+        out = model(**case.inputs, output_attentions=True)
+        assert model.config.text_config._attn_implementation == "attnhook"
+    assert model.config.text_config._attn_implementation == "eager"
+    for a, b in zip(out.attentions, ref.attentions):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # a teacher-forced pass keeps every query row (no logits_to_keep), equal to the model's own eager weights
+    w = trace.weights("model.language_model.layers.0.self_attn")
+    assert w.shape == (1, ids.shape[1], 4, ids.shape[1])
+    torch.testing.assert_close(w, ref.attentions[0].transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_prefill_keeps_token_rows_unless_asked_for_all():
+    case = llava(batch=2)
+    model = case.model
+    with ah.record(model, sites="model.language_model.*") as lean:
+        out = model.generate(**case.inputs, **GREEDY)
+    with keep_all_rows(), ah.record(model, sites="model.language_model.*") as full:
+        model.generate(**case.inputs, **GREEDY)
+    steps, prompt = out.shape[1] - case.prompt, case.prompt
+    site = "model.language_model.layers.0.self_attn"
+    assert lean.positions(site).tolist() == list(range(prompt - 1, prompt - 1 + steps))
+    assert full.positions(site).tolist() == list(range(prompt - 1 + steps))
+    # the kept rows are the same numbers; only the square prompt block is left out
+    torch.testing.assert_close(full.weights(site)[:, prompt - 1:], lean.weights(site))
+    assert lean.nbytes * 3 < full.nbytes
+
+
+def test_static_cache_is_trimmed_to_the_filled_slots():
+    case = llava(batch=2)
+    model = case.model
+    options = {**GREEDY, "cache_implementation": "static"}
+    ref = model.generate(**case.inputs, **options)
+    with ah.record(model, sites="model.language_model.*") as trace:
+        out = model.generate(**case.inputs, **options)
+    assert torch.equal(out, ref)
+    steps = out.shape[1] - case.prompt
+    for site in trace.sites:
+        w, lengths, positions = trace.weights(site), trace.key_lengths(site), trace.positions(site)
+        assert w.shape[1] == steps
+        assert lengths.tolist() == (positions + 1).tolist()  # valid keys: everything up to the query itself
+        assert w.shape[-1] == case.prompt + steps - 1  # not the cache size
+        for t in range(steps):
+            torch.testing.assert_close(w[:, t, :, : lengths[t]].sum(-1), torch.ones(2, 4))
+
+
+def test_legacy_flag_is_forced_and_the_caller_still_gets_none():
+    case = ved_trocr()
+    attention = case.model.decoder.model.decoder.layers[0].encoder_attn
+    hidden, memory = torch.randn(1, 3, 32), torch.randn(1, 17, 32)
+    with ah.record(attention) as trace:
+        out = attention(hidden, key_value_states=memory, output_attentions=False)
+        trace.new_sequence()
+        asked = attention(hidden, key_value_states=memory, output_attentions=True)
+    assert out[1] is None and asked[1].shape == (1, 4, 3, 17)
+    assert trace.meta["transformers"]["sites"] == {"": "flag"}
+    assert trace.weights(trace.sites[0], sequence=0).shape == (1, 3, 4, 17)
+    torch.testing.assert_close(trace.weights(trace.sites[0], sequence=1).transpose(1, 2), asked[1])
+
+
+def test_qformer_cross_attention_is_the_spatial_site():
+    """BLIP-2's decoder attends to learned query tokens (not a grid); the Q-Former's cross-attention maps each
+    query onto the vision tokens."""
+    case = blip2()
+    with ah.record(case.model, sites=["qformer.*crossattention", "language_model.*"]) as trace:
+        out = case.model.generate(**case.inputs, **GREEDY)
+    queries = trace.weights("qformer.encoder.layer.0.crossattention")
+    assert queries.shape == (1, 4, 4, 17)  # (batch, query tokens, heads, vision tokens)
+    torch.testing.assert_close(queries.sum(-1), torch.ones(1, 4, 4))
+    assert trace.meta["image_keys"] == [[0, 1, 2, 3]] and trace.meta["image_keys_spatial"] is False
+    assert trace.weights("language_model.model.decoder.layers.0.self_attn").shape[1] == out.shape[1] - case.prompt
+
+
+def test_packed_vision_attention_is_one_block_diagonal_row_set():
+    """Qwen2-VL's vision tower packs both images in one sequence and calls attention once per image: the
+    site's rows are the packed sequence's attention, zero between images."""
+    case = qwen2vl()
+    with ah.record(case.model, sites="model.visual.blocks.0.attn") as trace:
+        case.model.generate(**case.inputs, max_new_tokens=1)
+    w = trace.weights("model.visual.blocks.0.attn")
+    assert w.shape == (1, 128, 4, 128)  # (1, patches of both images, heads, patches of both images)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 128, 4))
+    assert w[:, :64, :, 64:].abs().sum() == 0 and w[:, 64:, :, :64].abs().sum() == 0
+    assert (w[:, :64, :, :64] > 0).all() and (w[:, 64:, :, 64:] > 0).all()
+
+
+def test_attention_that_cannot_be_forced_fails_before_running():
+    """GraniteSpeech's conformer attention calls torch's fused kernel itself and returns a bare tensor."""
+    from transformers.models.granite_speech.configuration_granite_speech import GraniteSpeechEncoderConfig
+    from transformers.models.granite_speech.modeling_granite_speech import GraniteSpeechConformerAttention
+
+    config = GraniteSpeechEncoderConfig(hidden_dim=32, num_heads=4, dim_head=8, context_size=4, max_pos_emb=8)
+    model = torch.nn.ModuleDict({"attn": GraniteSpeechConformerAttention(config)})
+    runs = []
+    model.register_forward_pre_hook(lambda *_: runs.append(1))
+    before = hooks(model)
+    with pytest.raises(RecordingError) as err:
+        with ah.record(model):
+            runs.append("entered")
+    message = str(err.value)
+    assert "GraniteSpeechConformerAttention" in message and "Tried" in message
+    assert "output_attentions" in message and "_can_record_outputs" in message
+    assert runs == [] and hooks(model) == before
+    assert "attnhook" not in ALL_ATTENTION_FUNCTIONS
+
+
+def test_transformers_stays_optional():
+    """attnhook imports and records plain torch models where transformers cannot be imported at all."""
+    code = (
+        "import sys\n"
+        "class Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'transformers':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Missing())\n"
+        "import torch, attnhook as ah\n"
+        "layer = torch.nn.TransformerDecoderLayer(8, 2)\n"
+        "assert [s.family for s in ah.find_attention(layer)] == ['torch.MultiheadAttention'] * 2\n"
+        "assert 'transformers' not in sys.modules and 'matplotlib' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
