@@ -292,15 +292,10 @@ class record:
 
     # --- rows ----------------------------------------------------------------------------------------
     def _check(self, name: str, spec, weights) -> torch.Tensor:
-        what = (f"a {type(weights).__name__}" if not isinstance(weights, torch.Tensor)
-                else f"a {weights.dtype} tensor of shape {tuple(weights.shape)}")
-        expected = ("Expected attention probabilities (batch, heads, queries, keys), (batch, queries, keys) "
-                    "or (batch, keys), each row summing to 1")
+        """Normalise to (batch, heads, queries, keys); the first call of a site is checked to be probabilities."""
         if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or not 2 <= weights.dim() <= 4:
-            raise SpecError(
-                f"Spec {spec.name!r} read {what} at site {name!r}. {expected}. If it is None, the module did not "
-                "return weights: the spec's force function must make it (e.g. need_weights=True)."
-            )
+            raise SpecError(f"{_read_what(spec, name, weights)}. {_EXPECTED}. If it is None, the module did not "
+                            "return weights: the spec's force function must make it (e.g. need_weights=True).")
         while weights.dim() < 4:
             weights = weights.unsqueeze(1)
         if name not in self._checked:
@@ -311,10 +306,9 @@ class record:
             if (w.nan_to_num(0) < -1e-4).any() or not torch.allclose(sums[live], torch.ones_like(sums[live]),
                                                                        atol=1e-2):
                 raise SpecError(
-                    f"Spec {spec.name!r} read {what} at site {name!r} whose rows are not probabilities "
-                    f"(row sums from {sums[live].min().item():.3g} to {sums[live].max().item():.3g}). {expected}: "
-                    "read the softmax output, not the scores or the attended values."
-                )
+                    f"{_read_what(spec, name, weights)} whose rows are not probabilities (row sums from "
+                    f"{sums[live].min().item():.3g} to {sums[live].max().item():.3g}). {_EXPECTED}: read the "
+                    "softmax output, not the scores or the attended values.")
         return weights
 
     def _place(self, name: str, kind: str, batch: int, queries: int, keys: int, weights,
@@ -397,6 +391,16 @@ class record:
         loose = (self.dtype or row.dtype) in (torch.float16, torch.bfloat16)
         return old.shape[:-1] == new.shape[:-1] and torch.allclose(
             old[..., :width], new[..., :width], rtol=1e-2 if loose else 1e-3, atol=1e-3 if loose else 1e-5)
+
+
+_EXPECTED = ("Expected attention probabilities (batch, heads, queries, keys), (batch, queries, keys) or "
+             "(batch, keys), each row summing to 1")
+
+
+def _read_what(spec, name: str, weights) -> str:
+    what = (f"a {type(weights).__name__}" if not isinstance(weights, torch.Tensor)
+            else f"a {weights.dtype} tensor of shape {tuple(weights.shape)}")
+    return f"Spec {spec.name!r} read {what} at site {name!r}"
 
 
 def _slice_meta(keys: slice | None):

@@ -114,6 +114,7 @@ class AttentionSpec:
 
 _SPECS: list[AttentionSpec] = []
 _LOCK = threading.Lock()
+_CACHE: dict[type, AttentionSpec | None] = {}  # class -> spec; emptied whenever the registry changes
 
 
 def register(spec: AttentionSpec) -> AttentionSpec:
@@ -139,6 +140,7 @@ def register(spec: AttentionSpec) -> AttentionSpec:
         if spec in _SPECS:
             _SPECS.remove(spec)
         _SPECS.append(spec)
+        _CACHE.clear()
     return spec
 
 
@@ -158,6 +160,7 @@ def unregister(spec: AttentionSpec) -> None:
     with _LOCK:
         if spec in _SPECS:
             _SPECS.remove(spec)
+        _CACHE.clear()
 
 
 def specs() -> list[AttentionSpec]:
@@ -169,8 +172,16 @@ def specs() -> list[AttentionSpec]:
 
 def lookup(module: nn.Module) -> AttentionSpec | None:
     """The spec that describes `module`, or None."""
-    ordered = specs()
+    _load_builtins()
     cls = type(module)
+    try:
+        return _CACHE[cls]
+    except KeyError:
+        spec = _CACHE[cls] = _find(cls, specs())
+        return spec
+
+
+def _find(cls: type, ordered: list[AttentionSpec]) -> AttentionSpec | None:
     for spec in ordered:
         if cls in spec._classes():
             return spec
@@ -190,6 +201,7 @@ def _register_builtin(spec: AttentionSpec) -> None:
     with _LOCK:
         if spec not in _SPECS:
             _SPECS.insert(0, spec)
+            _CACHE.clear()
 
 
 def _load_builtins() -> None:
