@@ -296,6 +296,7 @@ class record:
         if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or not 2 <= weights.dim() <= 4:
             raise SpecError(f"{_read_what(spec, name, weights)}. {_EXPECTED}. If it is None, the module did not "
                             "return weights: the spec's force function must make it (e.g. need_weights=True).")
+        received = weights
         while weights.dim() < 4:
             weights = weights.unsqueeze(1)
         if name not in self._checked:
@@ -306,7 +307,7 @@ class record:
             if (w.nan_to_num(0) < -1e-4).any() or not torch.allclose(sums[live], torch.ones_like(sums[live]),
                                                                        atol=1e-2):
                 raise SpecError(
-                    f"{_read_what(spec, name, weights)} whose rows are not probabilities (row sums from "
+                    f"{_read_what(spec, name, received)} whose rows are not probabilities (row sums from "
                     f"{sums[live].min().item():.3g} to {sums[live].max().item():.3g}). {_EXPECTED}: read the "
                     "softmax output, not the scores or the attended values.")
         return weights
