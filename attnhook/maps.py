@@ -69,7 +69,9 @@ def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, he
     per_site = []
     for s in sites:
         w = trace.weights(s, sequence).float()                     # (batch, steps, heads, keys)
-        w = _on_grid(_image_columns(w, trace.meta), grid, s.name)  # (batch, steps, heads, rows, cols)
+        if s.kind == "self":  # decoder-only models: the image tokens sit among the text keys
+            w = _image_columns(w, trace.meta, s.name)
+        w = _on_grid(w, grid, s.name)                              # (batch, steps, heads, rows, cols)
         per_site.append(_reduce_heads(w, heads, s))
     shapes = {tuple(m.shape) for m in per_site}
     if len(shapes) > 1:
@@ -141,7 +143,7 @@ def rollout(trace: Trace, grid: Grid, *, site="self", sequence: int = 0, heads="
             raise SelectionError(f"Site {s.name!r} has {keys} tokens, the sites before it "
                                  f"{result.shape[-1]}: roll out one stack at a time (site='encoder.*').")
         result = a if result is None else a @ result
-    cols = _image_columns(result.unsqueeze(2), trace.meta)          # (batch, queries, 1, image keys)
+    cols = _image_columns(result.unsqueeze(2), trace.meta, "rollout")  # (batch, queries, 1, image keys)
     return _on_grid(cols, grid, "rollout")[:, :, 0].numpy()
 
 
@@ -288,11 +290,17 @@ def _pick_sites(trace: Trace, site, layers) -> list[Site]:
     return select(which, "all", layers)
 
 
-def _image_columns(w: torch.Tensor, meta: dict) -> torch.Tensor:
+def _image_columns(w: torch.Tensor, meta: dict, name: str) -> torch.Tensor:
     """Gather the image tokens' columns per batch row when the trace says where they are."""
     where = meta.get("image_keys")
     if where is None:
         return w
+    if meta.get("image_keys_spatial") is False:
+        raise GridError(
+            f"Site {name!r} attends to this model's image tokens, but they are learned queries (a Q-Former or "
+            "resampler output), not patches of the picture: they have no place on the image. Record the "
+            "cross-attention of those queries to the vision tokens instead (for BLIP-2, "
+            "site='qformer.*crossattention*'; see docs/huggingface.md) and map that.")
     batch, keys = w.shape[0], w.shape[-1]
     if not isinstance(where, (list, tuple)) or len(where) != batch:
         raise GridError(f"trace.meta['image_keys'] must hold one list of key indices per batch row ({batch}), "

@@ -128,7 +128,11 @@ def test_image_keys_are_gathered_per_row_before_the_grid():
         memory[b, where] = image[b]
     with ah.record(decoder, sites="cross") as trace:
         decoder(tgt, memory)
+    cross = attention_maps(trace, Grid(4, 4, prefix=6))  # image_keys never touch cross-attention sites
     trace.meta["image_keys"] = places
+    np.testing.assert_array_equal(attention_maps(trace, Grid(4, 4, prefix=6)), cross)
+    for site in trace.sites:  # read these rows as a decoder-only model's self-attention over text + image tokens
+        trace._resolve_kind(site.name, "self")
     got = attention_maps(trace, Grid(4, 4, prefix=1), heads="all", layers="all")
     for layer in (0, 1):
         full = expected(tgt, memory, layer)
@@ -137,6 +141,10 @@ def test_image_keys_are_gathered_per_row_before_the_grid():
     maps = attention_maps(trace, Grid(4, 4, prefix=1), layers=0)
     assert np.unravel_index(maps[1, 0].argmax(), (4, 4)) == divmod(CELLS[1][0], 4)
 
+    trace.meta["image_keys_spatial"] = False  # BLIP-2's learned queries: refused, with the site to use instead
+    with pytest.raises(GridError, match="learned queries.*crossattention"):
+        attention_maps(trace, Grid(4, 4, prefix=1))
+    del trace.meta["image_keys_spatial"]
     trace.meta["image_keys"] = places[:1]
     with pytest.raises(GridError, match="one list of key indices per batch row"):
         attention_maps(trace, Grid(4, 4, prefix=1))
