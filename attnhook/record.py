@@ -107,6 +107,7 @@ class Session:
     model: nn.Module
     modules: list
     trace: Trace
+    rows: str = "tokens"
 
 
 @dataclass
@@ -129,6 +130,9 @@ class record:
         dtype: storage dtype of the rows (e.g. `torch.float16`); None keeps the captured dtype.
         device: where rows are kept; CPU by default, detached.
         keys: a `slice` of the key axis to keep (e.g. `slice(1, None)` drops a CLS token).
+        rows: `"tokens"` keeps, at decoder-only self-attention sites that know which rows `generate()` turns
+            into tokens (Hugging Face), only those rows; `"all"` keeps the whole prompt too, for analysis. Other
+            sites keep every query position either way.
         max_bytes: stop keeping rows once they would hold more than this; the trace is marked `cut`.
         on_limit: at `max_bytes`, `"warn"` (an `AttnHookWarning`, recording stops, the model runs on) or
             `"raise"` (a `RecordingError` out of the model call).
@@ -154,13 +158,17 @@ class record:
     """
 
     def __init__(self, model: nn.Module, sites="all", *, layers=None, dtype: torch.dtype | None = None,
-                 device="cpu", keys: slice | None = None, max_bytes: int | None = None, on_limit: str = "warn"):
+                 device="cpu", keys: slice | None = None, rows: str = "tokens", max_bytes: int | None = None,
+                 on_limit: str = "warn"):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise RecordingError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}.")
         if keys is not None and not isinstance(keys, slice):
             raise RecordingError(f"keys must be a slice of the key axis, e.g. slice(1, None), got {keys!r}.")
         if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 0):
             raise RecordingError(f"max_bytes must be a non-negative int, got {max_bytes!r}.")
+        if rows not in ("tokens", "all"):
+            raise RecordingError(f"rows must be 'tokens' (the rows that produce tokens) or 'all', got {rows!r}.")
+        self.rows = rows
         if on_limit not in ("warn", "raise"):
             raise RecordingError(f"on_limit must be 'warn' or 'raise', got {on_limit!r}.")
         self.max_bytes, self.on_limit, self._kept = max_bytes, on_limit, 0
@@ -210,7 +218,7 @@ class record:
                 by_spec.setdefault(lookup(module), []).append(module)
             for spec, modules in by_spec.items():
                 if spec.prepare is not None:
-                    self._undo.append(spec.prepare(Session(self.model, modules, self.trace)))
+                    self._undo.append(spec.prepare(Session(self.model, modules, self.trace, self.rows)))
             for name in list(self.selected) + list(self.watched):
                 module = self.model.get_submodule(name)
                 spec = lookup(module)

@@ -12,7 +12,6 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 import attnhook as ah  # noqa: E402
-from attnhook.adapters.transformers import keep_all_rows  # noqa: E402
 from attnhook.errors import RecordingError  # noqa: E402
 from test_hf_matrix import blip2, hooks, implementations, llava, qwen2vl, ved_gpt2, ved_trocr  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: E402
@@ -115,7 +114,7 @@ def test_prefill_keeps_token_rows_unless_asked_for_all():
     model = case.model
     with ah.record(model, sites="model.language_model.*") as lean:
         out = model.generate(**case.inputs, **GREEDY)
-    with keep_all_rows(), ah.record(model, sites="model.language_model.*") as full:
+    with ah.record(model, sites="model.language_model.*", rows="all") as full:
         model.generate(**case.inputs, **GREEDY)
     steps, prompt = out.shape[1] - case.prompt, case.prompt
     site = "model.language_model.layers.0.self_attn"

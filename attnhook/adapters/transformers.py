@@ -19,7 +19,6 @@ the `"attnhook"` name leaves transformers' registries once no recording uses it.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import sys
 import threading
@@ -49,41 +48,7 @@ _EAGER: dict[nn.Module, tuple] = {}
 _PREVIOUS: dict[int, str | None] = {}
 # recorded site module -> slot holding the weights of its current call
 _SLOTS: dict[nn.Module, "_Slot"] = {}
-_KEEP_ALL = {"depth": 0}
 _SDPA: dict = {}  # transformers' sdpa function, looked up when the implementation is registered
-
-
-@contextlib.contextmanager
-def keep_all_rows():
-    """Keep every query row of decoder-only prompts, not only the rows that produce tokens.
-
-    By default a decoder self-attention site keeps, at each call, only the rows whose logits `generate()`
-    asks for (`logits_to_keep`): the last prompt row at prefill, then one row per step. Inside this block the
-    whole square prefill matrix is kept too, for analysis.
-
-    Example:
-        >>> import torch, transformers, attnhook as ah
-        >>> from attnhook.adapters.transformers import keep_all_rows
-        >>> config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
-        ...                                  eos_token_id=None, pad_token_id=0)
-        >>> model = transformers.GPT2LMHeadModel(config).eval()
-        >>> prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
-        >>> with ah.record(model) as trace:
-        ...     _ = model.generate(prompt, max_new_tokens=3, do_sample=False)
-        >>> trace.weights("transformer.h.0.attn").shape     # (batch, steps, heads, keys): a row per new token
-        torch.Size([1, 3, 2, 8])
-        >>> with keep_all_rows(), ah.record(model) as trace:
-        ...     _ = model.generate(prompt, max_new_tokens=3, do_sample=False)
-        >>> trace.weights("transformer.h.0.attn").shape     # and the 5 prompt rows before them
-        torch.Size([1, 8, 2, 8])
-    """
-    with _LOCK:
-        _KEEP_ALL["depth"] += 1
-    try:
-        yield
-    finally:
-        with _LOCK:
-            _KEEP_ALL["depth"] -= 1
 
 
 # --- reading a call ------------------------------------------------------------------------------------
@@ -303,7 +268,7 @@ class _Recording:
     def __init__(self, session):
         self.model: nn.Module = session.model
         self.trace = session.trace
-        self.keep_all = _KEEP_ALL["depth"] > 0
+        self.keep_all = session.rows == "all"
         self.handles: list = []
         self.configs: dict[int, tuple[Any, Any]] = {}
         self.eager: list[nn.Module] = []
