@@ -15,6 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import AttnHookError
+
+
+class DemoError(AttnHookError, ValueError):
+    """A demo model, image or caption was asked for in a way the demo cannot serve."""
+
+
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -97,7 +104,7 @@ def make_images(n: int, seed: int = 0, size: tuple[int, int] = (64, 64), start: 
         True
     """
     if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}.")
+        raise DemoError(f"n must be a non-negative int, got {n!r}.")
     return [make_scene(seed, start + i, size) for i in range(n)]
 
 
@@ -110,14 +117,14 @@ def stack(scenes: list[Scene]) -> np.ndarray:
     """
     sizes = {s.image.shape for s in scenes}
     if len(sizes) != 1:
-        raise ValueError(f"stack() needs scenes of one size, got sizes {sorted(sizes)}. Make one batch per size.")
+        raise DemoError(f"stack() needs scenes of one size, got sizes {sorted(sizes)}. Make one batch per size.")
     return np.stack([s.image for s in scenes])
 
 
 def _check_size(size) -> tuple[int, int]:
     if (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(isinstance(v, int) for v in size)
             or min(size) < 32):
-        raise ValueError(f"size must be (height, width) in pixels, each at least 32, got {size!r}.")
+        raise DemoError(f"size must be (height, width) in pixels, each at least 32, got {size!r}.")
     return int(size[0]), int(size[1])
 
 
