@@ -124,3 +124,20 @@ def test_greedy_rows_equal_teacher_forced_rows(name):
     assert a.shape == b.shape == (5, tokens.shape[1] - 1, site.heads, grid.rows * grid.cols)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+
+
+def test_sat_runs_are_kept_apart_with_new_sequence():
+    """The recurrent decoder has no self-attention to show where a run ends: two runs on same-sized batches
+    are kept apart by trace.new_sequence(), and each equals the run recorded alone."""
+    model = demo.load("sat")
+    first, second = demo.make_images(3, seed=21, size=(64, 96)), demo.make_images(3, seed=22, size=(64, 96))
+    with ah.record(model, sites="cross", layers=-1) as trace:
+        model.caption(first)
+        trace.new_sequence()
+        model.caption(second)
+    assert trace.sequences == 2
+    for sequence, scenes in enumerate([first, second]):
+        with ah.record(model, sites="cross", layers=-1) as alone:
+            model.caption(scenes)
+        site = alone.sites[0]
+        torch.testing.assert_close(trace.weights(site, sequence), alone.weights(site))

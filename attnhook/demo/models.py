@@ -4,13 +4,13 @@
 with a 2D sine position embedding that fits any grid; a stock `nn.TransformerDecoder` writes the caption,
 greedily, recomputing the whole prefix under a causal mask at every step.
 
-`ShowAttendTell`: the same kind of encoder, and an LSTM decoder that attends over the grid with additive
-attention (`AdditiveAttention`, which returns `(context, alpha)`), one step at a time. attnhook records it
-through the `AttentionSpec` registered below.
+`ShowAttendTell`: the same kind of encoder on a finer grid (one key per 4 x 4 cell), and an LSTM decoder that
+attends over it with additive attention (`AdditiveAttention`, which returns `(context, alpha)`), one step at a
+time. attnhook records it through the `AttentionSpec` registered below.
 
-Neither encoder mixes cells (no encoder self-attention): each key describes its own part of the image.
-Images go in as `(batch, 3, H, W)` floats in [0, 1], or anything `to_tensor()` takes; H and W must be
-multiples of 8.
+Neither encoder mixes cells beyond a small receptive field (no encoder self-attention): each key describes
+its own part of the image. Images go in as `(batch, 3, H, W)` floats in [0, 1], or anything `to_tensor()`
+takes; H and W must be multiples of the model's cell (`model.grid(size)` says so if not).
 """
 
 from __future__ import annotations
@@ -121,21 +121,20 @@ class ConvEncoder(nn.Module):
 
     Stride-2 4 x 4 convolutions (padding 1) down to `stride`, then `reach` 3 x 3 convolutions, then a 1 x 1
     projection: key (r, c) sees a square centered on its cell's center, `3 * stride - 2 + 2 * stride * reach`
-    pixels wide (22 for stride 8, 26 for stride 4 with reach 2). Odd stride-2 kernels would center it on the
+    pixels wide (22 for stride 8, 18 for stride 4 with reach 1). Odd stride-2 kernels would center it on the
     cell's top-left corner, half a cell off the grid the maps are drawn on. Then the 2D sine position
     embedding. Nothing mixes cells beyond the receptive field.
     """
 
-    def __init__(self, dim: int = 64, width: int = 48, stride: int = 8, reach: int = 0, kernel: int = 4):
+    def __init__(self, dim: int = 64, width: int = 48, stride: int = 8, reach: int = 0):
         super().__init__()
         if stride not in (2, 4, 8, 16):
             raise DemoError(f"stride must be 2, 4, 8 or 16 pixels, got {stride!r}.")
         downs = stride.bit_length() - 1
         channels = [3, width // 2] + [width] * (downs - 1)
         layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
-            k = kernel if i == downs - 1 else 4
-            layers += [nn.Conv2d(c_in, c_out, k, 2, (k - 2) // 2), nn.GELU()]
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GELU()]
         for _ in range(reach):
             layers += [nn.Conv2d(width, width, 3, 1, 1), nn.GELU()]
         self.convs = nn.Sequential(*layers, nn.Conv2d(width, dim, 1))
@@ -270,7 +269,8 @@ class AttendStep(nn.Module):
     looked (the position embedding averaged under the attention); score the next word from the new hidden
     state and *what* it saw (the context). Xu et al. feed the context itself to the LSTM; then the state
     carries what the color step saw into the shape step, whose attention is free to look anywhere (measured
-    here: 1% to 73% of shape words pointed inside their object, depending on the initialisation seed).
+    on variants of that design and initialisation seeds: 1% to 73% of shape words pointed inside their
+    object; see docs/demo.md).
     """
 
     def __init__(self, dim: int, hidden: int, embed: int):
@@ -306,10 +306,10 @@ class ShowAttendTell(_Captioner):
     """
 
     def __init__(self, dim: int = 64, hidden: int = 128, embed: int = 32, width: int = 48,
-                 stride: int = 4, reach: int = 1, kernel: int = 4):
+                 stride: int = 4, reach: int = 1):
         super().__init__()
-        self.config = dict(dim=dim, hidden=hidden, embed=embed, width=width, stride=stride, reach=reach, kernel=kernel)
-        self.encoder = ConvEncoder(dim, width, stride, reach, kernel)
+        self.config = dict(dim=dim, hidden=hidden, embed=embed, width=width, stride=stride, reach=reach)
+        self.encoder = ConvEncoder(dim, width, stride, reach)
         self.embed = nn.Embedding(len(VOCAB), embed)
         self.init_h = nn.Linear(dim, hidden)
         self.init_c = nn.Linear(dim, hidden)
