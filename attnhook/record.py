@@ -11,14 +11,18 @@ import fnmatch
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
 
+from . import _calls
+from ._hooks import MHA_FASTPATH_OFF, Undo, claim, hook
+from ._positions import Event, Placement, Tracker
 from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SpecError
-from .registry import Call, lookup, specs
+from .registry import KINDS, Call, lookup, specs
 from .trace import Site, Trace, _by_which, layer_of, select
 
 # attribute names that say what an attention module attends to, when the spec cannot say it
@@ -79,54 +83,27 @@ def find_attention(model: nn.Module) -> list[Site]:
     return sites
 
 
-# --- global state shared by recorders: the MHA fast-path switch and which modules are being recorded ----
-_GLOBAL_LOCK = threading.Lock()
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-_FASTPATH = {"users": 0, "saved": True}
-
-
-def _fastpath_off() -> None:
-    with _GLOBAL_LOCK:
-        if _FASTPATH["users"] == 0:
-            _FASTPATH["saved"] = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-        _FASTPATH["users"] += 1
-
-
-def _fastpath_restore() -> None:
-    with _GLOBAL_LOCK:
-        _FASTPATH["users"] -= 1
-        if _FASTPATH["users"] == 0:
-            torch.backends.mha.set_fastpath_enabled(_FASTPATH["saved"])
-
-
 @dataclass
 class Session:
-    """What a spec's `prepare()` sees: the model, the selected modules that spec matched, the trace."""
+    """What a spec's `prepare()` sees: the model, the selected modules that spec matched, the trace, and
+    `step()`, to call at each step boundary the library knows (for example each call of the output head)."""
 
     model: nn.Module
     modules: list
     trace: Trace
     rows: str = "tokens"
-
-
-@dataclass
-class _Position:
-    """Where a site stands in the current sequence: query positions [0, end) seen so far."""
-
-    epoch: int
-    end: int = 0
-    batch: int = -1
-    keys: int = -1
+    step: Callable[[], None] = field(default=lambda: None)
 
 
 class record:
-    """Record per-head attention weights of `model` for every query position, inside a `with` block.
+    """Record per-head attention weights of `model` for every generated token, inside a `with` block.
 
     Args:
         model: any `torch.nn.Module` holding attention modules that a spec describes.
         sites: `"all"`, `"self"`, `"cross"`, a name glob, a `Site`, or a list of those.
         layers: layer index or list of them; negative counts from the end of each stack (`-1`: last layer).
+        step: a module (or its name, or a list of them) whose every call ends one decoding step, for loops
+            whose steps attnhook cannot see (e.g. `step=model.head`); see docs/recording.md.
         dtype: storage dtype of the rows (e.g. `torch.float16`); None keeps the captured dtype.
         device: where rows are kept; CPU by default, detached.
         keys: a `slice` of the key axis to keep (e.g. `slice(1, None)` drops a CLS token).
@@ -137,10 +114,9 @@ class record:
         on_limit: at `max_bytes`, `"warn"` (an `AttnHookWarning`, recording stops, the model runs on) or
             `"raise"` (a `RecordingError` out of the model call).
 
-    Yields a `Trace`. Decoding styles all give one row per query position: incremental decoding (one query
-    per call), full recomputation of the prefix at every step (rows already held are skipped), and a single
-    teacher-forced pass. A new sequence starts when the query positions restart, when recomputed rows differ
-    from the held ones, when the batch size or the image's key count changes, or at `trace.new_sequence()`.
+    Yields a `Trace` with one row per query position and run (docs/recording.md says how positions and runs
+    are decided, strongest evidence first). Where the evidence is weak or contradicts itself, the rows are
+    kept, `trace.notes` says what was decided, and an `AttnHookWarning` says it once with the fix.
 
     Example:
         >>> import torch, attnhook as ah
@@ -157,9 +133,9 @@ class record:
         torch.Size([2, 3, 4, 49])
     """
 
-    def __init__(self, model: nn.Module, sites="all", *, layers=None, dtype: torch.dtype | None = None,
-                 device="cpu", keys: slice | None = None, rows: str = "tokens", max_bytes: int | None = None,
-                 on_limit: str = "warn"):
+    def __init__(self, model: nn.Module, sites="all", *, layers=None, step=None,
+                 dtype: torch.dtype | None = None, device="cpu", keys: slice | None = None, rows: str = "tokens",
+                 max_bytes: int | None = None, on_limit: str = "warn"):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise RecordingError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}.")
         if keys is not None and not isinstance(keys, slice):
@@ -168,12 +144,12 @@ class record:
             raise RecordingError(f"max_bytes must be a non-negative int, got {max_bytes!r}.")
         if rows not in ("tokens", "all"):
             raise RecordingError(f"rows must be 'tokens' (the rows that produce tokens) or 'all', got {rows!r}.")
-        self.rows = rows
         if on_limit not in ("warn", "raise"):
             raise RecordingError(f"on_limit must be 'warn' or 'raise', got {on_limit!r}.")
-        self.max_bytes, self.on_limit, self._kept = max_bytes, on_limit, 0
+        self.rows, self.max_bytes, self.on_limit, self._kept = rows, max_bytes, on_limit, 0
         self.model = model
         found = find_attention(model)
+        self._steppers = _step_modules(model, step)
         self.selected = {s.name: s for s in select(found, sites, layers)}
         # An "auto" site picked only by a kind selector is dropped (never forced) if its call says otherwise;
         # one picked by name, glob or "all" is recorded whatever its kind.
@@ -186,82 +162,83 @@ class record:
         self.watched = {s.name: s for s in found if s.name not in self.selected and s.kind in ("self", "auto")}
         self.dtype, self.device, self.keys = dtype, torch.device(device), keys
         self.trace = Trace({"model": type(model).__name__, "keys": _slice_meta(keys)})
-        self._handles: list = []
-        self._undo: list = []
+        self._undo = Undo()
         self._calls: dict[str, list[Call]] = {}
         self._kinds: dict[str, str] = {s.name: s.kind for s in found}
-        self._positions: dict[str, _Position] = {}
-        self._clock: tuple[int, int, int, int] | None = None  # (epoch, batch, queries, start) of the last self call
+        self._tracker = Tracker()
+        self._epoch = 0
+        self._held: dict[str, tuple[Event, torch.Tensor]] = {}
+        self._queries: dict[str, weakref.ref] = {}
         self._checked: set[str] = set()
-        self._modules: list[nn.Module] = []
-        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        self._lock = threading.RLock()
+        self._thread: int | None = None
 
     # --- context manager -----------------------------------------------------------------------------
     def __enter__(self) -> Trace:
-        with _GLOBAL_LOCK:
-            busy = [m for m in self.model.modules() if m in _ACTIVE]
-            if busy:
-                raise RecordingError(
-                    f"{type(self.model).__name__} is already being recorded by another attnhook.record() block "
-                    f"(module {type(busy[0]).__name__} is hooked). Nested or concurrent recording of one model "
-                    "is not supported: record once, selecting the union of the sites you need."
-                )
-            for m in self.model.modules():
-                _ACTIVE[m] = "recording"
-                self._modules.append(m)
+        self._undo.push(claim(self.model))
+        self._thread = threading.get_ident()
         try:
-            _fastpath_off()
-            self._fast_off = True
+            self._undo.push(MHA_FASTPATH_OFF.hold())
+            for name in list(self.selected) + list(self.watched):
+                module = self.model.get_submodule(name)
+                spec = lookup(module)
+                after = partial(self._after, name, spec) if name in self.selected else None
+                hook(self._undo, module, partial(self._before, name, spec), after, first=True)
+            # after the site hooks: a spec's own capture hooks, prepended, run before the recorder reads
             by_spec: dict = {}
             for name in self.selected:
                 module = self.model.get_submodule(name)
                 by_spec.setdefault(lookup(module), []).append(module)
             for spec, modules in by_spec.items():
                 if spec.prepare is not None:
-                    self._undo.append(spec.prepare(Session(self.model, modules, self.trace, self.rows)))
-            for name in list(self.selected) + list(self.watched):
-                module = self.model.get_submodule(name)
-                spec = lookup(module)
-                self._handles.append(module.register_forward_pre_hook(
-                    partial(self._before, name, spec), with_kwargs=True))
-                if name in self.selected:
-                    self._handles.append(module.register_forward_hook(
-                        partial(self._after, name, spec), with_kwargs=True))
-        except BaseException:
-            self._teardown()
+                    undo = spec.prepare(Session(self.model, modules, self.trace, self.rows, self._step))
+                    if not callable(undo):
+                        raise SpecError(f"Spec {spec.name!r}: prepare(session) returned {undo!r}; it must return a "
+                                        "function that undoes what it switched on (return lambda: None if "
+                                        "nothing).")
+                    self._undo.push(undo)
+            for module in self._steppers:
+                self._undo.push(module.register_forward_hook(lambda *_: self._step()).remove)
+        except BaseException as e:
+            self._teardown(e)
             raise
         return self.trace
 
-    def __exit__(self, *exc) -> None:
-        self._teardown()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._teardown(exc)
         return None  # never swallow the exception
 
-    def _teardown(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        errors = []
-        while self._undo:
-            try:
-                self._undo.pop()()
-            except Exception as e:  # keep restoring the rest; re-raised below
-                errors.append(e)
-        self._calls.clear()
-        if getattr(self, "_fast_off", False):
-            self._fast_off = False
-            _fastpath_restore()
-        with _GLOBAL_LOCK:
-            for m in self._modules:
-                _ACTIVE.pop(m, None)
-            self._modules.clear()
-        if errors:
-            raise errors[0]
+    def _teardown(self, pending: BaseException | None) -> None:
+        try:
+            self._undo.run(pending)
+        finally:
+            self._calls.clear()
+            self._held.clear()
 
     # --- hooks ---------------------------------------------------------------------------------------
+    def _mine(self) -> bool:
+        """Only calls from the thread that entered the block are recorded; others run untouched."""
+        if threading.get_ident() == self._thread:
+            return True
+        self._warn_once("thread", f"attnhook.record(): {type(self.model).__name__} was called from another thread "
+                        "while this thread records it; those calls run untouched and are not recorded. Record "
+                        "from the thread that runs the model.")
+        return False
+
     def _resolve(self, name: str, spec, call: Call) -> str:
         kind = self._kinds[name]
         if kind == "auto":
-            kind = spec.kind(call) if callable(spec.kind) else spec.kind
+            if callable(spec.kind):
+                kind = spec.kind(call)
+                if kind not in KINDS:
+                    raise SpecError(f"Spec {spec.name!r}: kind(call) returned {kind!r} at site {name!r}; it must "
+                                    "return 'self' or 'cross'.")
+            else:
+                kind = "cross"
+                self._warn_once(f"kind:{name}", (
+                    f"site {name!r}: spec {spec.name!r} does not say its kind and the name does not either; "
+                    "recorded as cross-attention. Pass kind='self' or kind='cross' to the AttentionSpec."))
             self._kinds[name] = kind
             if name in self.selected and kind not in self._wanted[name]:
                 del self.selected[name]  # the call says it is of a kind that was not asked for: never forced
@@ -270,102 +247,136 @@ class record:
         return kind
 
     def _before(self, name: str, spec, module, args, kwargs):
+        if not self._mine():
+            return None
         call = Call(module, args, kwargs)
         kind = self._resolve(name, spec, call)
         if name not in self.selected:
             if kind == "self" and spec.lengths is not None:
-                batch, queries, keys = spec.lengths(call)
-                start = spec.start(call) if spec.start is not None else None
-                self._place(name, kind, batch, queries, keys, None, start)
+                self._watch(name, spec, call)
             return None
+        call.state["start"] = spec.start(call) if spec.start is not None else None
+        call.state["valid"] = spec.valid(call) if spec.valid is not None and kind == "self" else None
+        call.state["query"] = spec.query(call) if spec.query is not None else None
+        call.state["memory"] = spec.memory(call) if spec.memory is not None else None
         if spec.force is not None:
             spec.force(call)
-        call.state["start"] = spec.start(call) if spec.start is not None else None
         self._calls.setdefault(name, []).append(call)
         return call.args, call.kwargs
 
+    def _watch(self, name: str, spec, call: Call) -> None:
+        lengths = spec.lengths(call)
+        if lengths is None:
+            return  # the call says nothing about positions
+        batch, queries, keys = lengths
+        start = spec.start(call) if spec.start is not None else None
+        valid = spec.valid(call) if spec.valid is not None else None
+        with self._lock:
+            self._place(name, Event(name, "self", batch, queries, keys, start, valid, recorded=False), None)
+
     def _after(self, name: str, spec, module, args, kwargs, output):
         stack = self._calls.get(name)
-        if not stack:
+        if not stack or not self._mine():
             return None  # selected only after this call began (kind resolved late): nothing was forced
         call = stack.pop()
         call.output = output
-        weights = self._check(name, spec, spec.read(call))
-        batch, _, queries, keys = weights.shape
+        first = name not in self._checked
+        self._checked.add(name)
+        weights = _calls.as_rows(spec, name, spec.read(call), first, module.training)
         with self._lock:
-            self._place(name, self._kinds[name], batch, queries, keys, weights, call.state.get("start"))
+            self._place(name, self._event(name, call, weights), weights)
         if spec.force is not None and spec.restore is not None:
             return spec.restore(call)
         return None
 
-    # --- rows ----------------------------------------------------------------------------------------
-    def _check(self, name: str, spec, weights) -> torch.Tensor:
-        """Normalise to (batch, heads, queries, keys); the first call of a site is checked to be probabilities."""
-        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or not 2 <= weights.dim() <= 4:
-            raise SpecError(f"{_read_what(spec, name, weights)}. {_EXPECTED}. If it is None, the module did not "
-                            "return weights: the spec's force function must make it (e.g. need_weights=True).")
-        received = weights
-        while weights.dim() < 4:
-            weights = weights.unsqueeze(1)
-        if name not in self._checked:
-            self._checked.add(name)
-            w = weights.detach().float()
-            sums = w.sum(-1)
-            live = ~torch.isnan(sums) & (sums != 0)
-            if (w.nan_to_num(0) < -1e-4).any() or not torch.allclose(sums[live], torch.ones_like(sums[live]),
-                                                                       atol=1e-2):
-                raise SpecError(
-                    f"{_read_what(spec, name, received)} whose rows are not probabilities (row sums from "
-                    f"{sums[live].min().item():.3g} to {sums[live].max().item():.3g}). {_EXPECTED}: read the "
-                    "softmax output, not the scores or the attended values.")
-        return weights
-
-    def _place(self, name: str, kind: str, batch: int, queries: int, keys: int, weights,
-               known_start: int | None = None) -> None:
-        """Decide which query positions this call covers, start a new sequence if it does not continue the
-        current one, and store the rows not held yet.
-
-        The first query's position is `known_start` when the spec knows it; else, for self-attention, the
-        number of keys before the queries (a cache, or a recomputed prefix); else, for cross-attention, 0
-        when the call has more queries than positions seen (a recomputed prefix) and the next position
-        otherwise (one step of incremental decoding)."""
-        trace = self.trace
-        pos = self._positions.get(name)
-        if pos is None or pos.epoch != trace._epoch:
-            pos = self._positions[name] = _Position(trace._epoch)
-        restart = pos.end > 0 and (batch != pos.batch or (kind == "cross" and keys != pos.keys))
-        if known_start is None and kind == "cross" and self._clock is not None:
-            # a cross-attention call follows the self-attention call of the same decoder pass
-            epoch, b, q, s = self._clock
-            if (epoch, b, q) == (trace._epoch, batch, queries):
-                known_start = s
-        start = self._start(kind, queries, keys, pos.end, known_start)
-        if not restart and start < pos.end:
-            covers_last = start + queries >= pos.end
-            restart = not covers_last or (
-                weights is not None and not self._same_row(name, weights[:, :, pos.end - 1 - start]))
-        if restart:
-            trace._advance()
-            pos = self._positions[name] = _Position(trace._epoch)
-            start = self._start(kind, queries, keys, 0, known_start)
-        if kind == "self":
-            self._clock = (trace._epoch, batch, queries, start)
-        first = max(start, pos.end)
-        pos.end, pos.batch, pos.keys = start + queries, batch, keys
-        if weights is None or first >= start + queries:
+    def _step(self) -> None:
+        if threading.get_ident() != self._thread:
             return
-        if name not in trace._sites:
-            site = self.selected[name]
-            trace._add_site(Site(site.name, site.family, kind, site.layer, weights.shape[1], site.cls))
-        rows = weights[:, :, first - start:]
+        with self._lock:
+            self._tracker.step()
+            self._held.clear()
+
+    # --- rows ----------------------------------------------------------------------------------------
+    def _event(self, name: str, call: Call, weights: torch.Tensor) -> Event:
+        batch, _, queries, keys = weights.shape
+        kind = self._kinds[name]
+        query, memory = call.state.get("query"), call.state.get("memory")
+        if query is None or memory is None:
+            q, m = _calls.guess_tensors(call, batch, queries, keys)
+            query, memory = query if query is not None else q, memory if memory is not None else m
+        same = None
+        if query is not None:
+            previous = self._queries.get(name)
+            same = previous is not None and previous() is query
+            self._queries[name] = weakref.ref(query)
+        print_ = _calls.fingerprint(memory) if memory is not None and self._tracker.wants_memory(kind) else None
+        return Event(name, kind, batch, queries, keys, call.state.get("start"), call.state.get("valid"), same,
+                     print_)
+
+    def _sync(self) -> None:
+        """Follow `trace.new_sequence()` called by the user between calls."""
+        if self.trace._epoch != self._epoch:
+            self._epoch = self.trace._epoch
+            self._tracker.new_run()
+            self._held.clear()
+
+    def _place(self, name: str, event: Event, weights: torch.Tensor | None) -> None:
+        self._sync()
+        loose = weights is not None and (self.dtype or weights.dtype) in (torch.float16, torch.bfloat16)
+
+        def same(position: int, row: int) -> str:
+            new = weights[:, :, row]
+            if self.keys is not None:
+                new = new[..., self.keys]
+            return _calls.compare(self.trace.held(name, position) if name in self.trace._sites else None,
+                                  new, loose)
+
+        placement = self._tracker.place(event, same if weights is not None else None)
+        self._say()
+        if placement.new_run:
+            self.trace.new_sequence()
+            self._epoch = self.trace._epoch
+            held, self._held = self._held, {}
+            for other, (ev, w) in held.items():
+                if other != name:
+                    self._place(other, ev, w)
+        if weights is None:
+            return
+        if placement.hold:
+            self._held[name] = (event, weights)
+            return
+        self._held.clear()
+        self._store(name, event.kind, placement, weights)
+
+    def _store(self, name: str, kind: str, placement: Placement, weights: torch.Tensor) -> None:
+        rows = weights[:, :, placement.lo:placement.hi]
+        if placement.keys is not None:
+            rows = rows[..., :placement.keys]
         if self.keys is not None:
             rows = rows[..., self.keys]
         dtype = self.dtype or rows.dtype
         if self.max_bytes is not None and not self._room(rows.numel() * dtype.itemsize):
             return
+        if name not in self.trace._sites:
+            site = self.selected.get(name) or Site(name, "", kind)
+            self.trace.add_site(Site(site.name, site.family, kind, site.layer, weights.shape[1], site.cls))
         kept = torch.empty(rows.shape, dtype=dtype, device=self.device)
         kept.copy_(rows.detach())
-        trace._append(name, first, kept)
+        self.trace.add_rows(name, placement.first, kept, call=placement.call)
+
+    def _say(self) -> None:
+        """Keep every note in the trace; warn once per kind of note (quiet ones are only kept)."""
+        for note in self._tracker.notes:
+            self.trace.note(note.message)
+            if not note.code.startswith("quiet:"):
+                self._warn_once(note.code, note.message)
+        self._tracker.notes.clear()
+
+    def _warn_once(self, code: str, message: str) -> None:
+        if code not in self._warned:
+            self._warned.add(code)
+            self.trace.note(message)
+            warnings.warn(message, AttnHookWarning, stacklevel=4)
 
     def _room(self, nbytes: int) -> bool:
         if self.trace.cut:
@@ -382,34 +393,25 @@ class record:
         warnings.warn(message, AttnHookWarning, stacklevel=2)
         return False
 
-    @staticmethod
-    def _start(kind: str, queries: int, keys: int, end: int, known: int | None) -> int:
-        if known is not None:
-            return known
-        if kind == "self":
-            return max(keys - queries, 0)
-        return 0 if queries > end else end
 
-    def _same_row(self, name: str, row: torch.Tensor) -> bool:
-        held = self.trace._current(name)
-        if not held.chunks:
-            return True
-        old = held.last_row().float()
-        new = (row if self.keys is None else row[..., self.keys]).detach().float().to(old.device)
-        width = min(old.shape[-1], new.shape[-1])
-        loose = (self.dtype or row.dtype) in (torch.float16, torch.bfloat16)
-        return old.shape[:-1] == new.shape[:-1] and torch.allclose(
-            old[..., :width], new[..., :width], rtol=1e-2 if loose else 1e-3, atol=1e-3 if loose else 1e-5)
-
-
-_EXPECTED = ("Expected attention probabilities (batch, heads, queries, keys), (batch, queries, keys) or "
-             "(batch, keys), each row summing to 1")
-
-
-def _read_what(spec, name: str, weights) -> str:
-    what = (f"a {type(weights).__name__}" if not isinstance(weights, torch.Tensor)
-            else f"a {weights.dtype} tensor of shape {tuple(weights.shape)}")
-    return f"Spec {spec.name!r} read {what} at site {name!r}"
+def _step_modules(model: nn.Module, step) -> list[nn.Module]:
+    if step is None:
+        return []
+    items = list(step) if isinstance(step, (list, tuple)) else [step]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            try:
+                item = model.get_submodule(item)
+            except AttributeError:
+                raise RecordingError(f"step={item!r} names no module of {type(model).__name__}. Pass the module "
+                                     "whose every call ends one decoding step (e.g. step=model.head), or its "
+                                     "name as in model.named_modules().") from None
+        if not isinstance(item, nn.Module):
+            raise RecordingError(f"step must be a module, a module name, or a list of them, got {item!r}. Pass the "
+                                 "module whose every call ends one decoding step, e.g. step=model.head.")
+        out.append(item)
+    return out
 
 
 def _slice_meta(keys: slice | None):

@@ -50,15 +50,31 @@ class AttentionSpec:
             always returns them.
         restore: `restore(call) -> output` the caller asked for (for example `None` weights). None keeps the
             output as it is.
-        kind: `"self"`, `"cross"`, or `kind(call) -> "self" | "cross"` decided from the actual call.
+        kind: `"self"`, `"cross"`, or `kind(call) -> "self" | "cross"` decided from the actual call. None (the
+            default): the attribute name says (`self_attn`, `*cross*`, `encoder_attn`, ...), else the site is
+            recorded as cross-attention with a warning that names this field.
         heads: `heads(module) -> int`, the number of heads, if it can be read from the module.
-        lengths: `lengths(call) -> (batch, queries, keys)` read from the inputs without forcing anything;
-            lets attnhook follow the decoding position at self-attention sites it does not record.
+        lengths: `lengths(call) -> (batch, queries, keys)` read from the inputs without forcing anything, or
+            None when the call says nothing. It matters only for self-attention sites that are *not*
+            recorded: with it, attnhook follows the decoding position there (where a run restarts, which
+            pass a cross-attention call belongs to); without it, those sites are ignored.
         start: `start(call) -> int | None`, the absolute position of the call's first query when the module
-            knows it (a cache position); None falls back to the key-length rule (see docs/recording.md).
+            knows it (a cache position); None falls back to the rules in docs/recording.md.
+        valid: `valid(call) -> int | None`, for self-attention: how many query slots hold real tokens when the
+            caller masks trailing slots of a fixed-size template (a key padding mask); None otherwise.
+        query: `query(call) -> Tensor | None`, the queries: a second call with the very same tensor in one step
+            is another call of that step (the `call` axis), not another position.
+        memory: `memory(call) -> Tensor | None`, what the queries attend over, `(batch, keys, ...)`: when no
+            self-attention marks where a run starts, keys of another image start a new run. Without
+            `query`/`memory`, the first tensor argument shaped like the queries / the keys is used.
         prepare: `prepare(session) -> undo`, run once per spec when recording begins, with `session.model`,
-            `session.modules` (the selected modules this spec matched) and `session.trace`; `undo()` runs on
-            exit, after an exception too. For switches that live on the model rather than the module.
+            `session.modules` (the selected modules this spec matched), `session.trace` and `session.step()`
+            (call it at each step boundary the library knows); `undo()` runs on exit, after an exception
+            too. For switches that live on the model rather than the module.
+
+    A module that never returns its weights (it calls `scaled_dot_product_attention`, say) can still be
+    recorded: compute them in `read` from what the call saw, e.g. `softmax(q @ k.T / sqrt(d))` from
+    `call.args` and the module's own projections (docs/recording.md, "Your own attention module").
 
     Example:
         >>> import torch, attnhook as ah
@@ -68,7 +84,8 @@ class AttentionSpec:
         ...     def forward(self, feats, hidden):        # feats (B, K, d), hidden (B, d)
         ...         alpha = self.score(torch.tanh(feats + hidden[:, None])).squeeze(-1).softmax(-1)
         ...         return (alpha[..., None] * feats).sum(1), alpha
-        >>> spec = ah.register(ah.AttentionSpec("additive", Additive, read=lambda call: call.output[1]))
+        >>> spec = ah.register(ah.AttentionSpec("additive", Additive, read=lambda call: call.output[1],
+        ...                                     kind="cross"))
         >>> [s.family for s in ah.find_attention(torch.nn.Sequential(Additive(4)))]
         ['additive']
         >>> ah.unregister(spec)
@@ -79,11 +96,14 @@ class AttentionSpec:
     read: Callable[[Call], torch.Tensor]
     force: Callable[[Call], None] | None = None
     restore: Callable[[Call], Any] | None = None
-    kind: str | Callable[[Call], str] = "cross"
+    kind: str | Callable[[Call], str] | None = None
     heads: Callable[[nn.Module], int | None] | None = None
-    lengths: Callable[[Call], tuple[int, int, int]] | None = None
+    lengths: Callable[[Call], tuple[int, int, int] | None] | None = None
     start: Callable[[Call], int | None] | None = None
     prepare: Callable[[Any], Callable[[], None]] | None = None
+    valid: Callable[[Call], int | None] | None = None
+    query: Callable[[Call], torch.Tensor | None] | None = None
+    memory: Callable[[Call], torch.Tensor | None] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -97,11 +117,18 @@ class AttentionSpec:
                 )
         if not callable(self.read):
             raise SpecError(f"AttentionSpec {self.name!r}: read must be callable, got {self.read!r}.")
+        for fname in ("force", "restore", "heads", "lengths", "start", "prepare", "valid", "query", "memory"):
+            value = getattr(self, fname)
+            if value is not None and not callable(value):
+                raise SpecError(f"AttentionSpec {self.name!r}: {fname} must be callable or None, got {value!r}.")
         if isinstance(self.kind, str) and self.kind not in KINDS:
             raise SpecError(
-                f"AttentionSpec {self.name!r}: kind must be 'self', 'cross' or a function of the call, "
+                f"AttentionSpec {self.name!r}: kind must be 'self', 'cross', a function of the call or None, "
                 f"got {self.kind!r}."
             )
+        if self.kind is not None and not isinstance(self.kind, str) and not callable(self.kind):
+            raise SpecError(f"AttentionSpec {self.name!r}: kind must be 'self', 'cross', a function of the call "
+                            f"or None, got {self.kind!r}.")
 
     def _classes(self) -> tuple[type, ...]:
         patterns = self.match if isinstance(self.match, tuple) else (self.match,)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -120,25 +120,20 @@ def _by_layer(sites: list[Site], layers) -> list[Site]:
 
 
 @dataclass
-class _Rows:
-    """Rows of one site in one sequence: chunks of consecutive query positions."""
+class _Chunk:
+    """Consecutive query positions of one site, one call index, one run: `rows` is (batch, heads, n, keys)."""
 
-    starts: list[int] = field(default_factory=list)
-    chunks: list[torch.Tensor] = field(default_factory=list)  # each (batch, heads, rows, keys)
-
-    @property
-    def end(self) -> int:
-        return self.starts[-1] + self.chunks[-1].shape[2] if self.chunks else 0
-
-    def last_row(self) -> torch.Tensor:
-        return self.chunks[-1][:, :, -1]
+    start: int
+    call: int
+    rows: torch.Tensor
 
 
 class Trace:
     """Attention rows recorded inside `attnhook.record()`.
 
     One row per query position, per site, per sequence (one decoding run). Rows are `(batch, heads, keys)`;
-    `weights(site)` stacks them into `(batch, steps, heads, keys)`.
+    `weights(site)` stacks them into `(batch, steps, heads, keys)`. A site called several times per step
+    (one cross-attention module per encoder level) has a `call` axis: `(batch, steps, calls, heads, keys)`.
 
     Example:
         >>> import torch, attnhook as ah
@@ -154,11 +149,12 @@ class Trace:
 
     def __init__(self, meta: dict | None = None):
         self._sites: dict[str, Site] = {}
-        self._rows: dict[tuple[str, int], _Rows] = {}
+        self._chunks: dict[tuple[str, int], list[_Chunk]] = {}
         self._seq = 0  # index of the sequence rows go to
         self._epoch = 0  # bumped at every sequence boundary, even one with no rows before it
         self.meta: dict = dict(meta or {})
         self.cut = False
+        self.notes: list[str] = []  # what recording decided on weak evidence, or could not decide
 
     # --- reading -------------------------------------------------------------------------------------
     @property
@@ -177,48 +173,83 @@ class Trace:
             )
         return self._sites[name]
 
-    def _rows_of(self, which: Site | str, sequence: int) -> _Rows:
+    def _chunks_of(self, which: Site | str, sequence: int) -> list[_Chunk]:
         site = self.site(which)
-        if not isinstance(sequence, int) or not 0 <= sequence < max(self.sequences, 1):
+        if type(sequence) is not int or not 0 <= sequence < max(self.sequences, 1):
             raise RecordingError(
                 f"sequence must be an int in [0, {self.sequences}), got {sequence!r}: this trace holds "
                 f"{self.sequences} sequence(s)."
             )
-        rows = self._rows.get((site.name, sequence))
-        if rows is None or not rows.chunks:
+        chunks = self._chunks.get((site.name, sequence))
+        if not chunks:
             raise RecordingError(
                 f"Site {site.name!r} has no rows in sequence {sequence}. It was not called during that "
                 "run, or its inputs equalled those of the previous run and it was taken for a recomputation: "
                 "call trace.new_sequence() between runs to keep them apart."
             )
-        return rows
+        return chunks
 
-    def weights(self, site: Site | str, sequence: int = 0) -> torch.Tensor:
+    def rows(self, site: Site | str, sequence: int = 0) -> list[tuple[int, int, torch.Tensor]]:
+        """Every row of one site in one sequence as `(position, call, row)`, `row` `(batch, heads, keys)`,
+        ordered by position then call. The batch may change from step to step (beam search in your own loop)."""
+        out = [(c.start + i, c.call, c.rows[:, :, i]) for c in self._chunks_of(site, sequence)
+               for i in range(c.rows.shape[2])]
+        return sorted(out, key=lambda r: (r[0], r[1]))
+
+    def calls(self, site: Site | str, sequence: int = 0) -> int:
+        """How many times the site was called per step (1 for most sites)."""
+        return 1 + max(c.call for c in self._chunks_of(site, sequence))
+
+    def batch_sizes(self, site: Site | str, sequence: int = 0) -> list[int]:
+        """The batch of each step of `weights(site, sequence)`: constant, except for beams in a user loop."""
+        return [row.shape[0] for _, call, row in self.rows(site, sequence) if call == 0]
+
+    def weights(self, site: Site | str, sequence: int = 0, call: int | None = None) -> torch.Tensor:
         """Attention rows of one site in one sequence, `(batch, steps, heads, keys)`.
 
         A step is one query position (row i is what query position i attended to, the row that produced
         token i + 1). Rows whose key length grows (self-attention) are right-padded with zeros to a common
-        length; `key_lengths()` gives each row's valid length.
+        length; `key_lengths()` gives each row's valid length. A site called several times per step gives
+        `(batch, steps, calls, heads, keys)`, or one call's rows with `call=k`.
         """
-        rows = self._rows_of(site, sequence)
-        width = max(c.shape[-1] for c in rows.chunks)
-        padded = [torch.nn.functional.pad(c, (0, width - c.shape[-1])) for c in rows.chunks]
-        return torch.cat(padded, dim=2).permute(0, 2, 1, 3)
+        rows = self.rows(site, sequence)
+        calls = 1 + max(r[1] for r in rows)
+        if call is not None and (type(call) is not int or not 0 <= call < calls):
+            raise RecordingError(f"call must be an int in [0, {calls}) for site {self.site(site).name!r}, got "
+                                 f"{call!r}.")
+        batches = sorted({r[2].shape[0] for r in rows})
+        if len(batches) > 1:
+            raise RecordingError(
+                f"Site {self.site(site).name!r} holds beam hypotheses in sequence {sequence}: the batch changes "
+                f"from step to step ({', '.join(map(str, self.batch_sizes(site, sequence)))}), so its rows do "
+                "not stack into (batch, steps, heads, keys). Pick each returned sequence's rows with "
+                "attnhook.beams.follow(trace, parents) and the back-pointers your loop keeps, or replay the "
+                "returned sequence teacher-forced inside record() (docs/recording.md, 'Beams').")
+        width = max(r[2].shape[-1] for r in rows)
+        picked = [call] if call is not None else range(calls)
+        stacks = []
+        for k in picked:
+            these = [torch.nn.functional.pad(r[2], (0, width - r[2].shape[-1])) for r in rows if r[1] == k]
+            stacks.append(torch.stack(these, dim=1))  # (batch, steps, heads, keys)
+        if len(stacks) == 1:
+            return stacks[0]
+        if len({s.shape[1] for s in stacks}) != 1:
+            raise RecordingError(f"Site {self.site(site).name!r} was not called the same number of times at every "
+                                 "step; read one call with weights(site, call=k).")
+        return torch.stack(stacks, dim=2)
 
     def key_lengths(self, site: Site | str, sequence: int = 0) -> torch.Tensor:
         """Valid key length of each row of `weights(site, sequence)`, `(steps,)`."""
-        rows = self._rows_of(site, sequence)
-        return torch.cat([torch.full((c.shape[2],), c.shape[-1]) for c in rows.chunks])
+        return torch.tensor([row.shape[-1] for _, call, row in self.rows(site, sequence) if call == 0])
 
     def positions(self, site: Site | str, sequence: int = 0) -> torch.Tensor:
         """Query position of each row of `weights(site, sequence)`, `(steps,)`."""
-        rows = self._rows_of(site, sequence)
-        return torch.cat([torch.arange(s, s + c.shape[2]) for s, c in zip(rows.starts, rows.chunks)])
+        return torch.tensor([p for p, call, _ in self.rows(site, sequence) if call == 0], dtype=torch.long)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the recorded rows."""
-        return sum(c.nbytes for rows in self._rows.values() for c in rows.chunks)
+        return sum(c.rows.nbytes for chunks in self._chunks.values() for c in chunks)
 
     @property
     def sequences(self) -> int:
@@ -229,14 +260,14 @@ class Trace:
         """Start a new sequence: rows recorded from now on belong to the next decoding run.
 
         Recording finds most boundaries by itself; call this between runs where it cannot, e.g. a recurrent
-        decoder with no self-attention, or the same input run twice.
+        decoder whose spec gives nothing to compare, or the same input run twice.
         """
         self._epoch += 1
         if self._has_rows(self._seq):
             self._seq += 1
 
     def _has_rows(self, seq: int) -> bool:
-        return any(k[1] == seq and r.chunks for k, r in self._rows.items())
+        return any(k[1] == seq and c for k, c in self._chunks.items())
 
     def save(self, path):
         """Write the trace to one safetensors file (atomically); read it back with `attnhook.load(path)`.
@@ -262,19 +293,31 @@ class Trace:
         return (f"Trace({len(self._sites)} sites, {self.sequences} sequence(s), "
                 f"{self.nbytes / 2**20:.2f} MiB{', cut' if self.cut else ''})")
 
-    # --- filled by the recorder ----------------------------------------------------------------------
-    def _add_site(self, site: Site) -> None:
+    # --- writing: the only way rows get in (recording, trace files, beams) ---------------------------
+    def add_site(self, site: Site) -> None:
+        """Declare a site (its kind resolved); rows for it can then be added."""
         self._sites[site.name] = site
+
+    def add_rows(self, site: Site | str, start: int, rows: torch.Tensor, call: int = 0) -> None:
+        """Append rows `(batch, heads, n, keys)` for query positions `start .. start + n - 1` of the current
+        sequence (`call`: which call of the step, for a site called several times per step)."""
+        name = self.site(site).name
+        if not (isinstance(rows, torch.Tensor) and rows.dim() == 4):
+            raise RecordingError(f"add_rows() takes rows of shape (batch, heads, n, keys), got "
+                                 f"{getattr(rows, 'shape', type(rows).__name__)}.")
+        self._chunks.setdefault((name, self._seq), []).append(_Chunk(int(start), int(call), rows))
+
+    def held(self, site: Site | str, position: int, call: int = 0) -> torch.Tensor | None:
+        """The row held at `position` of the current sequence, `(batch, heads, keys)`, or None."""
+        for c in reversed(self._chunks.get((self.site(site).name, self._seq), [])):
+            if c.call == call and c.start <= position < c.start + c.rows.shape[2]:
+                return c.rows[:, :, position - c.start]
+        return None
+
+    def note(self, message: str) -> None:
+        """Keep a line saying what recording decided on weak evidence (saved with the trace)."""
+        if message not in self.notes:
+            self.notes.append(message)
 
     def _resolve_kind(self, name: str, kind: str) -> None:
         self._sites[name] = replace(self._sites[name], kind=kind)
-
-    _advance = new_sequence
-
-    def _current(self, name: str) -> _Rows:
-        return self._rows.setdefault((name, self._seq), _Rows())
-
-    def _append(self, name: str, start: int, chunk: torch.Tensor) -> None:
-        rows = self._current(name)
-        rows.starts.append(start)
-        rows.chunks.append(chunk)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import TraceFileError
+from .errors import RecordingError, TraceFileError
 
 FORMAT = "attnhook-trace"
 VERSION = 1
@@ -33,25 +33,34 @@ def save(trace, path) -> Path:
     path = Path(path)
     tensors, sequences = {}, []
     for seq in range(trace.sequences):
-        rows, batch = {}, None
+        rows, batches = {}, set()
         for site in trace.sites:
-            held = trace._rows.get((site.name, seq))
-            if held is None or not held.chunks:
-                continue
-            positions, keys = [], []
-            for start, chunk in zip(held.starts, held.chunks):
-                for i in range(chunk.shape[2]):
-                    tensors[f"{site.name}/{seq}/{start + i}"] = chunk[:, :, i].contiguous()
-                    positions.append(start + i)
-                    keys.append(chunk.shape[-1])
-                batch = chunk.shape[0]
-            rows[site.name] = {"positions": positions, "keys": keys}
-        sequences.append({"batch": batch, "rows": rows})
+            try:
+                held = trace.rows(site, seq)
+            except RecordingError:
+                continue  # the site has no rows in this sequence
+            listed: dict = {"positions": [], "keys": []}
+            for position, call, row in held:
+                suffix = f"/{call}" if call else ""
+                tensors[f"{site.name}/{seq}/{position}{suffix}"] = row.contiguous()
+                listed["positions"].append(position)
+                listed["keys"].append(row.shape[-1])
+                listed.setdefault("_calls", []).append(call)
+                listed.setdefault("_batch", []).append(row.shape[0])
+                batches.add(row.shape[0])
+            calls, batch = listed.pop("_calls"), listed.pop("_batch")
+            if any(calls):
+                listed["calls"] = calls
+            if len(set(batch)) > 1:
+                listed["batch"] = batch
+            rows[site.name] = listed
+        sequences.append({"batch": max(batches), "rows": rows})
     header = {
         "format": FORMAT,
         "format_version": VERSION,
         "attnhook_version": __version__,
         "cut": bool(trace.cut),
+        **({"notes": list(trace.notes)} if trace.notes else {}),
         "sites": [asdict(s) for s in trace.sites],
         "sequences": sequences,
         "meta": _to_json(trace.meta, "trace.meta"),
@@ -106,25 +115,28 @@ def load(path):
         raise TraceFileError(f"{path}: {e} The file is damaged or was edited.") from None
     trace = Trace(meta)
     trace.cut = header["cut"]
+    trace.notes = list(header.get("notes", []))
     for site in sites:
-        trace._add_site(site)
+        trace.add_site(site)
     for seq, sequence in enumerate(header["sequences"]):
         if seq:
             trace.new_sequence()
         for name, rows in sequence["rows"].items():
-            heads = trace._sites[name].heads
-            for position, keys in zip(rows["positions"], rows["keys"]):
-                tname = f"{name}/{seq}/{position}"
+            heads = trace.site(name).heads
+            calls = rows.get("calls", [0] * len(rows["positions"]))
+            batch = rows.get("batch", [sequence["batch"]] * len(rows["positions"]))
+            for position, keys, call, b in zip(rows["positions"], rows["keys"], calls, batch):
+                tname = f"{name}/{seq}/{position}" + (f"/{call}" if call else "")
                 t = tensors.pop(tname, None)
                 if t is None:
                     raise TraceFileError(f"{path}: tensor {tname!r} listed in the metadata is missing. The file is "
                                          "damaged; record and save the trace again.")
-                want = (sequence["batch"], heads, keys)
+                want = (b, heads, keys)
                 if tuple(t.shape) != want or not t.is_floating_point():
                     raise TraceFileError(
                         f"{path}: tensor {tname!r} is {t.dtype} {tuple(t.shape)}, but the metadata says a floating "
                         f"row of shape (batch, heads, keys) = {want}. The file is damaged or was edited.")
-                trace._append(name, position, t[:, :, None])
+                trace.add_rows(name, position, t[:, :, None], call=call)
     if tensors:
         raise TraceFileError(f"{path}: tensors not listed in the metadata: {sorted(tensors)[:5]}. The file was "
                              "edited or damaged.")
@@ -169,6 +181,8 @@ def _validate(path: Path, h) -> None:
         raise TraceFileError(f"{path}: trace format version {version}, but this attnhook ({READS}) reads versions "
                              f"{', '.join(map(str, READS))}; it was written by {newer}.")
     need(isinstance(h.get("cut"), bool), "'cut' must be true or false")
+    notes = h.get("notes", [])
+    need(isinstance(notes, list) and all(isinstance(n, str) for n in notes), "'notes' must be a list of strings")
     need(isinstance(h.get("meta"), dict), "'meta' must be an object")
     sites = h.get("sites")
     need(isinstance(sites, list), "'sites' must be a list")
@@ -194,7 +208,17 @@ def _validate(path: Path, h) -> None:
                  and isinstance(rows.get("keys"), list) and len(rows["positions"]) == len(rows["keys"]) > 0,
                  f"rows of {name!r} need equally long non-empty 'positions' and 'keys'")
             p, k = rows["positions"], rows["keys"]
-            need(all(type(x) is int and x >= 0 for x in p) and p == sorted(set(p)),
+            need(set(rows) <= {"positions", "keys", "calls", "batch"}, f"rows of {name!r} have unknown fields")
+            calls = rows.get("calls", [0] * len(p))
+            need(isinstance(calls, list) and len(calls) == len(p) and all(type(c) is int and 0 <= c < 4096
+                                                                          for c in calls),
+                 f"calls of {name!r} must be one small non-negative integer per row")
+            batch = rows.get("batch", [seq["batch"]] * len(p))
+            need(isinstance(batch, list) and len(batch) == len(p) and all(type(b) is int and 0 < b <= seq["batch"]
+                                                                          for b in batch),
+                 f"batch of {name!r} must be one positive integer per row, at most the sequence's batch")
+            pairs = list(zip(p, calls))
+            need(all(type(x) is int and x >= 0 for x in p) and pairs == sorted(set(pairs)),
                  f"positions of {name!r} must be increasing non-negative integers")
             need(all(type(x) is int and x > 0 for x in k), f"key lengths of {name!r} must be positive integers")
 

@@ -28,16 +28,16 @@ def golden_trace() -> Trace:
                    "words": [[["a", "red", "circle"]], [["blue", "<end>"]]]})
     cross = Site("decoder.layers.1.cross_attn", "torch.MultiheadAttention", "cross", 1, 2, "MultiheadAttention")
     selfs = Site("decoder.layers.1.self_attn", "torch.MultiheadAttention", "self", 1, 2, "MultiheadAttention")
-    trace._add_site(selfs)
-    trace._add_site(cross)
+    trace.add_site(selfs)
+    trace.add_site(cross)
     # sequence 0: three positions, the self-attention keys grow (incremental decoding)
     for p in range(3):
-        trace._append(selfs.name, p, rows(1, 2, 1, p + 1, seed=p))
-    trace._append(cross.name, 0, rows(1, 2, 3, 7, dtype=torch.float16))
+        trace.add_rows(selfs.name, p, rows(1, 2, 1, p + 1, seed=p))
+    trace.add_rows(cross.name, 0, rows(1, 2, 3, 7, dtype=torch.float16))
     trace.new_sequence()
     # sequence 1: teacher-forced, one call with two positions
-    trace._append(selfs.name, 0, rows(1, 2, 2, 2, valid=[1, 2], seed=5))
-    trace._append(cross.name, 0, rows(1, 2, 2, 7, dtype=torch.float16, seed=9))
+    trace.add_rows(selfs.name, 0, rows(1, 2, 2, 2, valid=[1, 2], seed=5))
+    trace.add_rows(cross.name, 0, rows(1, 2, 2, 7, dtype=torch.float16, seed=9))
     return trace
 
 

@@ -160,13 +160,21 @@ def test_teacher_forcing_twice_with_the_same_length_is_two_sequences():
     assert trace.sequences == 2
 
 
-def test_recurrent_decoder_without_new_sequence_appends():
-    """Documented limit: a decoder with no self-attention gives no sign of a new run."""
+def test_recurrent_decoder_runs_are_told_apart_by_their_keys():
+    """No self-attention marks where a run starts, but another image's keys do; the same image twice is the
+    documented limit (trace.new_sequence() keeps them apart)."""
     model = LSTMCaptioner()
     with ah.record(model) as trace:
         model.greedy(images(seed=1), steps=3)
         model.greedy(images(seed=2), steps=3)
-    assert trace.sequences == 1 and trace.weights("attention").shape[1] == 6
+    assert trace.sequences == 2 and trace.weights("attention", 1).shape[1] == 3
+    with ah.record(model) as solo:
+        model.greedy(images(seed=2), steps=3)
+    torch.testing.assert_close(trace.weights("attention", 1), solo.weights("attention"))
+    with ah.record(model) as same:
+        model.greedy(images(seed=1), steps=3)
+        model.greedy(images(seed=1), steps=3)
+    assert same.sequences == 1 and same.weights("attention").shape[1] == 6
 
 
 def test_key_padding_keeps_each_row_with_its_sequence():

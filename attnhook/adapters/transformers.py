@@ -399,7 +399,8 @@ class _Recording:
             return None
 
         self.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-        self.handles.append(module.register_forward_hook(after, with_kwargs=True))
+        # prepended: the weights reach the slot before the recorder's own hook on the site reads them
+        self.handles.append(module.register_forward_hook(after, with_kwargs=True, prepend=True))
 
     # switching on
     def install(self) -> None:

@@ -1,0 +1,88 @@
+"""What the recorder reads from one attention call besides the weights: checks, fingerprints, comparisons.
+
+Pure functions over tensors; no hooks and no positions (those are `_hooks` and `_positions`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SpecError
+
+EXPECTED = ("Expected attention probabilities (batch, heads, queries, keys), (batch, queries, keys) or "
+            "(batch, keys), each row summing to 1")
+
+
+def read_what(spec, name: str, weights) -> str:
+    what = (f"a {type(weights).__name__}" if not isinstance(weights, torch.Tensor)
+            else f"a {weights.dtype} tensor of shape {tuple(weights.shape)}")
+    return f"Spec {spec.name!r} read {what} at site {name!r}"
+
+
+def as_rows(spec, name: str, weights, first: bool, training: bool) -> torch.Tensor:
+    """Normalise to (batch, heads, queries, keys); the first call of a site is checked to be probabilities."""
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or not 2 <= weights.dim() <= 4:
+        raise SpecError(f"{read_what(spec, name, weights)}. {EXPECTED}. If it is None, the module did not "
+                        "return weights: the spec's force function must make it (e.g. need_weights=True), or "
+                        "its read function must compute them.")
+    received = weights
+    while weights.dim() < 4:
+        weights = weights.unsqueeze(1)
+    if first:
+        w = weights.detach().float()
+        sums = w.sum(-1)
+        live = ~torch.isnan(sums) & (sums != 0)
+        negative = bool((w.nan_to_num(0) < -1e-4).any())
+        over = bool((sums[live] > 1 + 1e-2).any())
+        under = bool((sums[live] < 1 - 1e-2).any())
+        if negative or over or under:
+            hint = ("read the softmax output, not the scores or the attended values" if not training else
+                    "the module is in train() mode, and its weights come after dropout: record in eval() mode "
+                    "(model.eval())")
+            raise SpecError(
+                f"{read_what(spec, name, received)} whose rows are not probabilities (row sums from "
+                f"{sums[live].min().item():.3g} to {sums[live].max().item():.3g}). {EXPECTED}: {hint}.")
+    return weights
+
+
+def fingerprint(t: torch.Tensor) -> tuple:
+    """One small tuple per batch row that tells one image's keys from another's (beams only copy rows)."""
+    flat = t.detach().reshape(t.shape[0], -1).float()
+    if flat.shape[1] == 0:
+        return tuple(() for _ in range(t.shape[0]))
+    summary = torch.stack([flat.sum(1), flat[:, 0], flat[:, -1], flat[:, flat.shape[1] // 2]], 1)
+    return tuple(tuple(row) for row in summary.tolist())
+
+
+def guess_tensors(call, batch: int, queries: int, keys: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """For a spec that names neither: (query, memory), the first tensor arguments shaped like the queries
+    `(batch, queries, ...)` (or `(batch, d)` for one query) and like the keys `(batch, keys, ...)`."""
+    tensors = [a for a in (*call.args, *call.kwargs.values()) if isinstance(a, torch.Tensor)]
+    memory = next((t for t in tensors if t.dim() >= 3 and t.shape[0] == batch and t.shape[1] == keys), None)
+    query = None
+    for t in tensors:
+        if t is memory or t.shape[:1] != (batch,):
+            continue
+        if (t.dim() >= 3 and t.shape[1] == queries) or (t.dim() == 2 and queries == 1):
+            query = t
+            break
+    return query, memory
+
+
+def compare(held: torch.Tensor | None, new: torch.Tensor, loose: bool) -> str:
+    """Whether `new` rows `(batch, heads, keys)` equal the `held` rows: `"same"`, `"mapped"` (each new row
+    equals one held row: beam hypotheses reordered), or `"different"`."""
+    if held is None:
+        return "different"
+    old = held.float()
+    new = new.detach().float().to(old.device)
+    width = min(old.shape[-1], new.shape[-1])
+    if old.shape[1] != new.shape[1]:
+        return "different"
+    old, new = old[..., :width], new[..., :width]
+    rtol, atol = (1e-2, 1e-3) if loose else (1e-3, 1e-5)
+    if old.shape == new.shape and torch.allclose(old, new, rtol=rtol, atol=atol):
+        return "same"
+    a, b = new.reshape(new.shape[0], -1), old.reshape(old.shape[0], -1)
+    close = ((a[:, None] - b[None]).abs() <= atol + rtol * b[None].abs()).all(-1)  # (new, held)
+    return "mapped" if bool(close.any(1).all()) else "different"
