@@ -192,16 +192,12 @@ class Tracker:
         """Another call of the site within the pass it was last called in: the call axis, not a position."""
         if st.last is None or (e.batch, e.queries, e.keys) != (st.batch, st.queries, st.keys):
             return None
-        if self.stepping:
-            token = self.steps
-        elif e.kind == "cross" and self.serial > 0:
-            token = self.serial
+        if self.stepping:  # the user or the library said where steps end: that alone decides
+            same = st.token == self.steps
+        elif e.kind == "cross" and self.serial > 0:  # no self-attention call since: same pass, unless the
+            same = st.token == self.serial and e.same_query is not False  # queries are known to be new
         else:
-            token = None
-        if token is None:
             same = e.same_query is True
-        else:
-            same = token == st.token and e.same_query is not False
         if not same:
             return None
         st.calls += 1

@@ -24,7 +24,7 @@ SIGMA = 0.5
 
 
 def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, heads="mean",
-                   layers="mean") -> np.ndarray:
+                   layers="mean", calls="mean") -> np.ndarray:
     """Maps on the image grid for every step of one sequence, `(batch, steps, rows, cols)`.
 
     Args:
@@ -39,6 +39,8 @@ def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, he
         sequence: which recorded sequence (decoding run).
         heads: `"mean"` or `"max"` over heads, an int to keep one head (negative from the end), or `"all"` to
             keep a heads axis.
+        calls: for a site called several times per step (one cross-attention per encoder level),
+            `"mean"` over its calls or an int to keep one; sites called once ignore it.
         layers: `"mean"` over the chosen sites, `"all"` to keep a layers axis (one entry per chosen site, in
             `trace.sites` order), or an int or list of ints: those layer indices of each stack (negative from
             the end), averaged.
@@ -68,7 +70,7 @@ def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, he
     sites = _pick_sites(trace, site, layers)
     per_site = []
     for s in sites:
-        w = trace.weights(s, sequence).float()                     # (batch, steps, heads, keys)
+        w = _one_call(trace, s, sequence, calls)                  # (batch, steps, heads, keys)
         if s.kind == "self":  # decoder-only models: the image tokens sit among the text keys
             w = _image_columns(w, trace.meta, s.name)
         w = _on_grid(w, grid, s.name)                              # (batch, steps, heads, rows, cols)
@@ -257,6 +259,19 @@ def _size_of(image_size) -> tuple[int, int]:
             and all(isinstance(v, (int, np.integer)) and v > 0 for v in image_size)):
         return int(image_size[0]), int(image_size[1])
     raise RenderError(f"image_size must be (height, width) in pixels or the image itself, got {image_size!r}.")
+
+
+def _one_call(trace: Trace, site: Site, sequence: int, calls) -> torch.Tensor:
+    """`(batch, steps, heads, keys)` of one site: its calls per step averaged, or one of them."""
+    if calls == "mean":
+        w = trace.weights(site, sequence).float()
+        return w.mean(2) if w.dim() == 5 else w
+    if type(calls) is int:
+        n = trace.calls(site, sequence)
+        if not -n <= calls < n:
+            raise SelectionError(f"calls={calls} but site {site.name!r} was called {n} time(s) per step.")
+        return trace.weights(site, sequence, call=calls % n).float()
+    raise SelectionError(f"calls must be 'mean' or an int (one call of the step), got {calls!r}.")
 
 
 def _pick_sites(trace: Trace, site, layers) -> list[Site]:

@@ -26,8 +26,8 @@ from .registry import KINDS, Call, lookup, specs
 from .trace import Site, Trace, _by_which, layer_of, select
 
 # attribute names that say what an attention module attends to, when the spec cannot say it
-_CROSS_NAMES = ("multihead_attn", "*cross*", "encoder_attn", "*enc_dec*", "src_attn", "context_attn")
-_SELF_NAMES = ("self_attn", "*self_attention*", "*selfattention*", "self")
+_CROSS_NAMES = ("multihead_attn", "*cross*", "encoder_attn", "*enc_dec*", "src_attn", "context_attn", "enc_att")
+_SELF_NAMES = ("self_attn", "self_att", "*self_attention*", "*selfattention*", "self")
 
 
 def _kind_from_name(name: str) -> str:
@@ -93,6 +93,7 @@ class Session:
     trace: Trace
     rows: str = "tokens"
     step: Callable[[], None] = field(default=lambda: None)
+    steps_known: Callable[[], None] = field(default=lambda: None)  # call once if step() will mark every step
 
 
 class record:
@@ -192,7 +193,8 @@ class record:
                 by_spec.setdefault(lookup(module), []).append(module)
             for spec, modules in by_spec.items():
                 if spec.prepare is not None:
-                    undo = spec.prepare(Session(self.model, modules, self.trace, self.rows, self._step))
+                    undo = spec.prepare(Session(self.model, modules, self.trace, self.rows, self._step,
+                                                   self._steps_known))
                     if not callable(undo):
                         raise SpecError(f"Spec {spec.name!r}: prepare(session) returned {undo!r}; it must return a "
                                         "function that undoes what it switched on (return lambda: None if "
@@ -200,6 +202,8 @@ class record:
                     self._undo.push(undo)
             for module in self._steppers:
                 self._undo.push(module.register_forward_hook(lambda *_: self._step()).remove)
+            if self._steppers:
+                self._steps_known()
         except BaseException as e:
             self._teardown(e)
             raise
@@ -288,6 +292,9 @@ class record:
         if spec.force is not None and spec.restore is not None:
             return spec.restore(call)
         return None
+
+    def _steps_known(self) -> None:
+        self._tracker.stepping = True
 
     def _step(self) -> None:
         if threading.get_ident() != self._thread:

@@ -67,6 +67,36 @@ def _lengths(call: Call) -> tuple[int, int, int]:
     return query.shape[1], query.shape[0], key.shape[0]
 
 
+def _query(call: Call) -> torch.Tensor:
+    return _bind(call).arguments["query"]
+
+
+def _memory(call: Call) -> torch.Tensor:
+    key = _bind(call).arguments["key"]
+    if key.dim() == 2:
+        return key[None]
+    return key if call.module.batch_first else key.transpose(0, 1)
+
+
+def _valid(call: Call) -> int | None:
+    """Query slots holding real tokens in a fixed-slot template: the key padding mask (True or -inf = padding)
+    masks the same trailing slots of every batch row, and the queries are those slots."""
+    arguments = _bind(call).arguments
+    mask = arguments.get("key_padding_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (1, 2):
+        return None
+    pad = mask if mask.dtype == torch.bool else torch.isneginf(mask)
+    pad = pad[None] if pad.dim() == 1 else pad
+    batch, queries, keys = _lengths(call)
+    if queries != keys or pad.shape[-1] != keys:
+        return None
+    row = pad[0]
+    n = int((~row).sum())
+    if n == keys or not bool((pad == row).all()) or bool(row[:n].any()):
+        return None  # nothing padded, rows padded differently (a padded batch), or not a trailing block
+    return n
+
+
 MULTIHEAD_ATTENTION = AttentionSpec(
     name="torch.MultiheadAttention",
     match=nn.MultiheadAttention,
@@ -76,6 +106,9 @@ MULTIHEAD_ATTENTION = AttentionSpec(
     kind=_kind,
     heads=lambda module: module.num_heads,
     lengths=_lengths,
+    valid=_valid,
+    query=_query,
+    memory=_memory,
 )
 
 
