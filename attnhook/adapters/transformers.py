@@ -36,7 +36,8 @@ IMPLEMENTATION = "attnhook"
 
 # arguments that, when given, make an attention call a cross-attention call
 _CROSS_ARGS = ("encoder_hidden_states", "key_value_states", "cross_attention_states", "encoder_outputs")
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
+# the cache, by every name transformers has passed it under (5.24 passes it to attention modules as `cache`)
+_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 
 _LOCK = threading.RLock()
@@ -134,13 +135,22 @@ def _start(call: Call) -> int | None:
     return _past_length(call) if kind == "self" else None
 
 
-def _lengths(call: Call) -> tuple[int, int, int]:
+# modules whose layer of the cache has held tokens: their cache length is evidence of where a call stands
+_CACHING: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _lengths(call: Call) -> tuple[int, int, int] | None:
+    """Where a watched (unrecorded) call stands. Only a module whose own layer of the cache has been seen to
+    hold tokens says it: a vision tower carries no cache, and a linear-attention layer of a hybrid stack
+    gets the cache but its layer stays empty (length 0 at every step) — neither is evidence."""
     h = _hidden(call)
-    if h is None:
-        return 1, 1, 1
-    batch, queries = (h.shape[0], h.shape[1]) if h.dim() >= 3 else (1, h.shape[0])
     start = _past_length(call) if _kind(call) == "self" else None
-    return batch, queries, (start or 0) + queries
+    if start:
+        _CACHING[call.module] = True
+    if h is None or start is None or call.module not in _CACHING:
+        return None
+    batch, queries = (h.shape[0], h.shape[1]) if h.dim() >= 3 else (1, h.shape[0])
+    return batch, queries, start + queries
 
 
 def _heads(module: nn.Module) -> int | None:
@@ -269,11 +279,13 @@ class _Recording:
         self.model: nn.Module = session.model
         self.trace = session.trace
         self.keep_all = session.rows == "all"
+        self.session = session
         self.handles: list = []
         self.configs: dict[int, tuple[Any, Any]] = {}
         self.eager: list[nn.Module] = []
         self.slots: list[nn.Module] = []
-        self.keep: list = []  # logits_to_keep of the forwards now running, innermost last
+        self.depth = 0  # PreTrainedModel forwards now running
+        self.generating = False  # the outermost forward was called as generate() calls it
         self.ids_length: int | None = None
         self.image_found = False
         self.thw: list | None = None
@@ -416,11 +428,14 @@ class _Recording:
             if isinstance(module, PreTrainedModel):
                 params = _params(type(module))
                 self.handles.append(module.register_forward_pre_hook(self._see_inputs, with_kwargs=True))
-                if "logits_to_keep" in params:
-                    self.handles.append(module.register_forward_pre_hook(self._push_keep, with_kwargs=True))
-                    self.handles.append(module.register_forward_hook(self._pop_keep, always_call=True))
+                self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+                self.handles.append(module.register_forward_hook(self._leave, always_call=True))
         if self.words is not None:
             self.handles.append(self.words.register_forward_pre_hook(self._see_embedded))
+        head = _output_embeddings(self.model)
+        if head is not None:  # each call of the LM head ends one decoding step (steps are counted there)
+            self.handles.append(head.register_forward_hook(lambda *_: self.session.step()))
+            self.session.steps_known()
         self.trace.meta.setdefault("transformers", {})["sites"] = {
             self.names[s]: _SLOTS[s].how for s in self.slots}
 
@@ -441,19 +456,22 @@ class _Recording:
             _unregister_implementation()
 
     # what the forwards say
-    def _push_keep(self, module, args, kwargs):
-        value = kwargs.get("logits_to_keep", 0)
-        self.keep.append(value if isinstance(value, int) else 0)
+    def _enter(self, module, args, kwargs):
+        if self.depth == 0:
+            cache = next((_arg(module, args, kwargs, n) for n in _CACHE_ARGS
+                          if _arg(module, args, kwargs, n) is not None), None)
+            # what generate() hands the model and a plain forward call does not: a cache, `logits_to_keep`,
+            # or an explicit `use_cache=True` (its prefill creates the cache inside some models)
+            self.generating = (cache is not None and hasattr(cache, "get_seq_length")) or (
+                "logits_to_keep" in kwargs or kwargs.get("use_cache") is True)
+        self.depth += 1
 
-    def _pop_keep(self, module, args, output):
-        if self.keep:
-            self.keep.pop()
+    def _leave(self, module, args, output):
+        self.depth = max(self.depth - 1, 0)
 
-    def rows_wanted(self) -> int:
-        """Rows of a decoder call that produce logits (0: all)."""
-        if self.keep_all or not self.keep:
-            return 0
-        return self.keep[-1]
+    def token_rows_only(self) -> bool:
+        """Whether a prompt call keeps only its last row: the one that writes the first token."""
+        return not self.keep_all and self.generating
 
     def _see_inputs(self, module, args, kwargs):
         def named(name):
@@ -462,7 +480,7 @@ class _Recording:
         ids = named("input_ids")
         if module is self.model:
             self.ids_length = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
-        cache = named("past_key_values")
+        cache = next((named(n) for n in _CACHE_ARGS if named(n) is not None), None)
         if cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0:
             return  # a decoding step: the prompt was seen at prefill
         if module is self.model and self.ids_length is not None:
@@ -542,6 +560,14 @@ def _first_int(config, names) -> int | None:
     return None
 
 
+def _output_embeddings(model: nn.Module):
+    try:
+        head = model.get_output_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 def _word_embeddings(model: nn.Module):
     try:
         return model.get_input_embeddings()
@@ -580,11 +606,11 @@ def _read(call: Call) -> torch.Tensor:
         keys = start + queries
     if slot.token_decoder and (start or 0) == 0:
         slot.recording.prepended(queries, weights.shape[0])
-    wanted = slot.recording.rows_wanted() if slot.token_decoder else 0
-    if 0 < wanted < queries:
-        first = keys - queries if start is None else start
-        call.state["start"] = first + queries - wanted
-        weights = weights[:, :, queries - wanted:]
+    # generated-token rows, by decoding position: of a prompt call that carries the decoding cache, only the
+    # last row writes a token (a vision tower inside the token model carries no cache and keeps every row)
+    if slot.token_decoder and start is not None and queries > 1 and slot.recording.token_rows_only():
+        call.state["start"] = start + queries - 1
+        weights = weights[:, :, queries - 1:]
     return weights
 
 
