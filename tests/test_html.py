@@ -299,3 +299,30 @@ def test_hostile_words_labels_and_titles_cannot_change_the_page(tmp_path, open_p
     assert shown["title"].startswith("</title><script>")
     assert shown["pwned"] is None and shown["extra"] == 2              # only the viewer's two scripts
     assert page.problems == [] and snapshot(page)["word"] == 6
+
+
+def test_a_trace_with_hostile_site_names_and_words_displays_safely(tmp_path, open_page):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({"<img src=x onerror=window[`pwned`]=7>": nn.TransformerDecoderLayer(
+                D, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True)})
+
+        def forward(self, x, memory):
+            return next(iter(self.blocks.values()))(x, memory)
+
+    model = Model().eval()
+    with ah.record(model, sites="cross") as trace:
+        model(torch.randn(1, 3, D), torch.randn(1, 16, D))
+    trace.meta.update(words=[["<!--<script>", "</script>", "\ud800"]], grid=Grid(4, 4), image_size=[32, 32])
+    path = tmp_path / "trace.html"
+    path.write_text(f"<!doctype html><meta charset='utf-8'><body>{trace._repr_html_()}</body>", encoding="utf-8",
+                    errors="strict")
+    page = open_page(path)
+    shown = page.evaluate("() => ({pwned: window.pwned === undefined ? null : window.pwned,"
+                          " imgs: document.querySelectorAll('img:not(.ah-image)').length,"
+                          " cell: document.querySelector('.attnhook-trace code').textContent,"
+                          " words: [...document.querySelectorAll('.ah-word')].length})")
+    assert shown == {"pwned": None, "imgs": 0, "cell": "blocks.<img src=x onerror=window[`pwned`]=7>.multihead_attn",
+                     "words": 3}
+    assert page.problems == []
