@@ -321,7 +321,7 @@ def test_mass_levels_make_a_flat_map_flat_and_a_one_hot_map_full():
     assert np.abs(peak[20, 30] - top).max() <= 1                                # one cell holds all: level 1
     assert np.array_equal(peak[21, 30], image[21, 30])                          # elsewhere: the image
     # level = log(mass * cells) / log(cells): a cell with 8x its uniform share on 64 cells is at level 0.5
-    from attnhook.render import _levels
+    from attnhook._levels import _levels
     m = np.full((8, 8), 0.5 / 63)
     m[3, 3] = 8 / 64
     m /= m.sum()
