@@ -7,30 +7,48 @@ imported only when a figure is made.
 Maps handed to a renderer are either on the grid, `(..., rows, cols)`, and smoothed onto the image with
 `attnhook.maps.upsample()`, or already in image pixels, `(..., height, width)` (used as they are, when no grid
 is given and their shape is the image's).
+
+How a map becomes color (see docs/rendering.md):
+
+- **normalize** turns values into a level in [0, 1]. `"mass"` (the default) reads each value as the attention
+  mass of its cell and compares it with the uniform share `1 / cells`: level = log(mass * cells) / log(cells),
+  clipped to [0, 1]. A uniform map is level 0 everywhere (it looks flat: the plain image), a map with all its
+  mass in one cell reaches level 1 there, a cell holding 8 times its uniform share on a 64-cell grid is at
+  level 0.5. `"max"` divides each map by its own maximum, `"global"` every map by the largest value of all
+  maps drawn together, `"minmax"` stretches each map to [0, 1], None takes values already in [0, 1].
+- **blend** puts the colored level over the image. `"map"` (the default): opacity follows the level,
+  `alpha * level`, so the image shows unchanged where attention is low. `"constant"`: the same opacity `alpha`
+  everywhere (the look of attnhook 0.1 is `cmap="jet", alpha=0.5, blend="constant", normalize="max"`).
+- The default colormap, `"inferno"`, is perceptually uniform. Figures carry a colorbar that says which rule
+  made the levels.
+- **Size**: figures and GIFs draw the image with its longer side at most `MAX_SIZE` pixels (a photo is
+  shrunk first, then the maps are upsampled straight to that size); `save_gif(max_size=)` overrides it.
 """
 
 from __future__ import annotations
 
 import math
 import textwrap
-import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .errors import AttnHookWarning, RenderError
+from .errors import RenderError
 from .grid import Grid
-from .maps import SIGMA, _as_maps, upsample
+from ._levels import NORMALIZERS, _compose, _levels, _lut  # noqa: F401 (NORMALIZERS: public)
+from .maps import SIGMA, _as_maps
 
-CMAP = "jet"
-ALPHA = 0.5
+CMAP = "inferno"
+ALPHA = 0.8
+BLEND = "map"
+NORMALIZE = "mass"
+MAX_SIZE = 512  # longer side, in pixels, of the pictures in figures and GIF frames
 
 
 def overlay(image, map, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP, alpha: float = ALPHA,
-            normalize: str | None = "max") -> Image.Image:
+            normalize: str | None = NORMALIZE, blend: str = BLEND) -> Image.Image:
     """One map over the image, as a PIL image of the image's size.
 
     Args:
@@ -38,10 +56,11 @@ def overlay(image, map, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=
         map: `(rows, cols)` on `grid`, or `(H, W)` in image pixels.
         grid: the grid the map lies on; None means the map's shape covers the whole image.
         sigma: Gaussian smoothing in grid cells (`attnhook.maps.SIGMA` by default); 0 is plain bilinear.
-        cmap: a matplotlib colormap or its name.
-        alpha: opacity of the colored map, 0 (image only) to 1 (map only).
-        normalize: `"max"` divides by the map's maximum, `"minmax"` stretches to [0, 1], None takes the values
-            as they are (they must lie in [0, 1]).
+        cmap: a matplotlib colormap or its name (default `"inferno"`).
+        alpha: opacity of the colored map where its level is 1, from 0 (image only) to 1.
+        normalize: `"mass"` (attention per cell against the uniform `1 / cells`, log scale; needs maps
+            that are attention mass, summing to at most 1), `"max"`, `"minmax"` or None; see the module.
+        blend: `"map"` (opacity `alpha * level`: low attention leaves the image as it is) or `"constant"`.
 
     An all-zero map gives the image unchanged and an `AttnHookWarning`.
 
@@ -50,63 +69,72 @@ def overlay(image, map, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=
         >>> from attnhook.render import overlay
         >>> image = np.zeros((48, 64, 3), np.uint8)           # (H, W, 3)
         >>> heat = np.random.rand(6, 8)                        # (rows, cols)
-        >>> overlay(image, heat).size                          # PIL size is (W, H)
+        >>> overlay(image, heat / heat.sum()).size             # PIL size is (W, H)
         (64, 48)
+        >>> flat = np.full((6, 8), 1 / 48)                     # uniform attention: the plain image
+        >>> bool((np.asarray(overlay(image, flat)) == image).all())
+        True
     """
     rgb = _rgb(image)
     maps = _check_maps(map, 2, "map", "(rows, cols) or (height, width)")
-    px = _pixels(maps[None], grid, rgb.shape[:2], rgb.shape[:2], sigma)
-    return Image.fromarray(_compose(rgb, px, cmap, alpha, normalize, ["the map"])[0])
+    levels, blank, _ = _levels(maps[None], grid, rgb.shape[:2], rgb.shape[:2], sigma, normalize, ["the map"])
+    return Image.fromarray(_compose(rgb, levels, blank, cmap, alpha, blend)[0])
 
 
 def plot_words(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP,
-               alpha: float = ALPHA, normalize: str | None = "max", ncols: int = 5, title: str | bool = True,
-               panel_size: float = 2.4, fig=None, ax=None):
-    """One panel per word: the image with that word's map; the caption as the figure's title.
+               alpha: float = ALPHA, normalize: str | None = NORMALIZE, blend: str = BLEND, ncols: int = 5,
+               title: str | bool = True, colorbar: bool = True, panel_size: float = 2.4, fig=None, ax=None):
+    """One panel per word: the image with that word's map; the caption as the figure's title; a colorbar.
 
     Args:
         image: PIL image or array `(H, W, 3)` / `(H, W)`.
         words: the caption's words (or tokens), one per map.
         maps: `(words, rows, cols)` on `grid` or `(words, H, W)` in pixels, e.g. `attention_maps(...)[0]`.
-        grid, sigma, cmap, alpha, normalize: as in `overlay()`; `normalize="global"` divides every map by
-            the largest value of all of them, so words can be compared.
+        grid, sigma, cmap, alpha, normalize, blend: as in `overlay()`; `normalize="global"` divides every map
+            by the largest value of all of them, so words can be compared; `"mass"` (the default) compares too.
         ncols: panels per row.
         title: True for the caption (the words joined), a string, or False for none.
+        colorbar: draw the color scale, labelled with the normalization rule, beside the panels.
         panel_size: width of one panel in inches.
         fig: a matplotlib `Figure` (or `SubFigure`) to draw into.
         ax: a sequence of at least `len(words)` axes to draw into, instead of `fig`.
 
     Returns:
-        the `matplotlib.figure.Figure`; save it with `fig.savefig("caption.png")`.
+        the `matplotlib.figure.Figure` (it shows itself in a notebook); save it with `fig.savefig("c.png")`.
 
     Example:
         >>> import numpy as np
         >>> from attnhook.render import plot_words
         >>> image = np.random.rand(48, 64, 3)
-        >>> fig = plot_words(image, ["a", "red", "circle"], np.random.rand(3, 6, 8))   # (words, rows, cols)
-        >>> len(fig.axes), fig.axes[1].get_title()
-        (3, 'red')
+        >>> maps = np.random.dirichlet(np.ones(48), 3).reshape(3, 6, 8)       # (words, rows, cols)
+        >>> fig = plot_words(image, ["a", "red", "circle"], maps)
+        >>> len(fig.axes), fig.axes[1].get_title(), fig.axes[-1].get_ylabel()  # 3 panels and the colorbar
+        (4, 'red', 'attention per cell (x uniform 1/48)')
     """
     words = _check_words(words)
-    rgb = _rgb(image)
+    full = _rgb(image)
+    rgb = _fit(full)
     maps = _check_maps(maps, 3, "maps", "(words, rows, cols) or (words, height, width)")
     if len(words) != len(maps):
         raise RenderError(
             f"{len(words)} words but {len(maps)} maps: expected one map per word. Slice the maps to the words "
             "(e.g. attention_maps(...)[0, :len(words)]) or pass the words the maps were made for."
         )
-    px = _pixels(maps, grid, rgb.shape[:2], rgb.shape[:2], sigma)
-    tiles = _compose(rgb, px, cmap, alpha, normalize, [repr(w) for w in words])
+    names = [repr(w) for w in words]
+    levels, blank, scale = _levels(maps, grid, full.shape[:2], rgb.shape[:2], sigma, normalize, names)
+    tiles = _compose(rgb, levels, blank, cmap, alpha, blend)
     if not isinstance(ncols, int) or ncols < 1:
         raise RenderError(f"ncols must be a positive int, got {ncols!r}.")
     ncols = min(ncols, len(words))
     caption = " ".join(words) if title is True else (title or None)
-    return _panels(tiles, list(words), None, math.ceil(len(words) / ncols), ncols, caption, panel_size, fig, ax)
+    return _panels(tiles, list(words), None, math.ceil(len(words) / ncols), ncols, caption, panel_size, fig, ax,
+                   scale if colorbar else None, cmap)
 
 
 def plot_heads(image, maps, *, word: str | None = None, labels=None, layer_labels=None,
                grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP, alpha: float = ALPHA,
-               normalize: str | None = "max", panel_size: float = 2.0, fig=None, ax=None):
+               normalize: str | None = NORMALIZE, blend: str = BLEND, colorbar: bool = True,
+               panel_size: float = 2.0, fig=None, ax=None):
     """Every head's map for one word: one row of panels for `(heads, rows, cols)`, a layers x heads grid
     for `(layers, heads, rows, cols)`.
 
@@ -117,16 +145,18 @@ def plot_heads(image, maps, *, word: str | None = None, labels=None, layer_label
         word: the word, as the figure's title.
         labels: one title per head (default `head 0`, `head 1`, ...).
         layer_labels: one label per layer row (default `layer 0`, ...).
-        grid, sigma, cmap, alpha, normalize, panel_size, fig, ax: as in `plot_words()`.
+        grid, sigma, cmap, alpha, normalize, blend, colorbar, panel_size, fig, ax: as in `plot_words()`.
 
     Example:
         >>> import numpy as np
         >>> from attnhook.render import plot_heads
-        >>> fig = plot_heads(np.random.rand(48, 64, 3), np.random.rand(2, 4, 6, 8), word="red")  # (layers, heads, ...)
+        >>> maps = np.random.dirichlet(np.ones(48), (2, 4)).reshape(2, 4, 6, 8)   # (layers, heads, rows, cols)
+        >>> fig = plot_heads(np.random.rand(48, 64, 3), maps, word="red")
         >>> len(fig.axes), fig.axes[5].get_title()
-        (8, 'head 1')
+        (9, 'head 1')
     """
-    rgb = _rgb(image)
+    full = _rgb(image)
+    rgb = _fit(full)
     arr = _as_maps(maps)
     if arr.ndim == 3:
         arr = arr[None]
@@ -135,15 +165,17 @@ def plot_heads(image, maps, *, word: str | None = None, labels=None, layer_label
     layers, heads = arr.shape[:2]
     labels = _labels(labels, heads, "head")
     rows = _labels(layer_labels, layers, "layer") if layers > 1 or layer_labels is not None else None
-    px = _pixels(arr.reshape(-1, *arr.shape[2:]), grid, rgb.shape[:2], rgb.shape[:2], sigma)
     names = [f"{r or ''} {h}".strip() for r in (rows or [None]) for h in labels]
-    tiles = _compose(rgb, px, cmap, alpha, normalize, names)
-    return _panels(tiles, labels * layers, rows, layers, heads, word, panel_size, fig, ax)
+    levels, blank, scale = _levels(arr.reshape(-1, *arr.shape[2:]), grid, full.shape[:2], rgb.shape[:2], sigma,
+                                   normalize, names)
+    tiles = _compose(rgb, levels, blank, cmap, alpha, blend)
+    return _panels(tiles, labels * layers, rows, layers, heads, word, panel_size, fig, ax,
+                   scale if colorbar else None, cmap)
 
 
 def plot_layers(image, maps, *, word: str | None = None, labels=None, grid: Grid | None = None,
-                sigma: float = SIGMA, cmap=CMAP, alpha: float = ALPHA, normalize: str | None = "max",
-                panel_size: float = 2.0, fig=None, ax=None):
+                sigma: float = SIGMA, cmap=CMAP, alpha: float = ALPHA, normalize: str | None = NORMALIZE,
+                blend: str = BLEND, colorbar: bool = True, panel_size: float = 2.0, fig=None, ax=None):
     """Every layer's map for one word, one row of panels, `(layers, rows, cols)`.
 
     Args:
@@ -151,33 +183,39 @@ def plot_layers(image, maps, *, word: str | None = None, labels=None, grid: Grid
         maps: `(layers, rows, cols)`, e.g. `attention_maps(trace, grid, layers="all")[0, step]`.
         word: the word, as the figure's title.
         labels: one title per layer (default `layer 0`, ...; pass the site names or layer indices).
-        grid, sigma, cmap, alpha, normalize, panel_size, fig, ax: as in `plot_words()`.
+        grid, sigma, cmap, alpha, normalize, blend, colorbar, panel_size, fig, ax: as in `plot_words()`.
 
     Example:
         >>> import numpy as np
         >>> from attnhook.render import plot_layers
-        >>> fig = plot_layers(np.random.rand(48, 64, 3), np.random.rand(3, 6, 8), word="red")   # (layers, ...)
+        >>> maps = np.random.dirichlet(np.ones(48), 3).reshape(3, 6, 8)          # (layers, rows, cols)
+        >>> fig = plot_layers(np.random.rand(48, 64, 3), maps, word="red", colorbar=False)
         >>> [a.get_title() for a in fig.axes]
         ['layer 0', 'layer 1', 'layer 2']
     """
-    rgb = _rgb(image)
+    full = _rgb(image)
+    rgb = _fit(full)
     arr = _check_maps(maps, 3, "maps", "(layers, rows, cols)")
     labels = _labels(labels, len(arr), "layer")
-    tiles = _compose(rgb, _pixels(arr, grid, rgb.shape[:2], rgb.shape[:2], sigma), cmap, alpha, normalize, labels)
-    return _panels(tiles, labels, None, 1, len(arr), word, panel_size, fig, ax)
+    levels, blank, scale = _levels(arr, grid, full.shape[:2], rgb.shape[:2], sigma, normalize, labels)
+    tiles = _compose(rgb, levels, blank, cmap, alpha, blend)
+    return _panels(tiles, labels, None, 1, len(arr), word, panel_size, fig, ax, scale if colorbar else None, cmap)
 
 
 def save_gif(path, image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP,
-             alpha: float = ALPHA, normalize: str | None = "max", duration: int = 800,
-             min_size: int = 256) -> Path:
-    """An animated GIF, one frame per word: the word's map over the image and the caption below it, the
-    current word highlighted.
+             alpha: float = ALPHA, normalize: str | None = NORMALIZE, blend: str = BLEND, duration: int = 800,
+             min_size: int = 256, max_size: int = MAX_SIZE, format: str | None = None) -> Path:
+    """An animation, one frame per word: the word's map over the image and the caption below it, the
+    current word highlighted. GIF by default; animated WebP (smaller, full color) for a `.webp` path.
 
     Args:
-        path: where to write the GIF.
-        image, words, maps, grid, sigma, cmap, alpha, normalize: as in `plot_words()`.
+        path: where to write it; its suffix picks the format unless `format` is given.
+        image, words, maps, grid, sigma, cmap, alpha, normalize, blend: as in `plot_words()`.
         duration: milliseconds per frame.
         min_size: small images are enlarged until their longer side has at least this many pixels.
+        max_size: large images are shrunk until their longer side has at most this many pixels (default
+            `MAX_SIZE`, 512); the maps are upsampled straight to that size.
+        format: `"gif"` or `"webp"`; None decides by the path's suffix (GIF unless it is `.webp`).
 
     Returns:
         the path written.
@@ -186,10 +224,11 @@ def save_gif(path, image, words, maps, *, grid: Grid | None = None, sigma: float
         >>> import numpy as np, tempfile, os
         >>> from PIL import Image
         >>> from attnhook.render import save_gif
+        >>> maps = np.random.dirichlet(np.ones(48), 3).reshape(3, 6, 8)
         >>> path = save_gif(os.path.join(tempfile.mkdtemp(), "caption.gif"),
-        ...                 np.random.rand(48, 64, 3), ["a", "red", "circle"], np.random.rand(3, 6, 8))
-        >>> Image.open(path).n_frames
-        3
+        ...                 np.random.rand(48, 64, 3), ["a", "red", "circle"], maps)
+        >>> Image.open(path).n_frames, Image.open(path).size[0]       # enlarged to min_size
+        (3, 256)
     """
     words = _check_words(words)
     rgb = _rgb(image)
@@ -198,17 +237,32 @@ def save_gif(path, image, words, maps, *, grid: Grid | None = None, sigma: float
         raise RenderError(f"{len(words)} words but {len(maps)} maps: expected one map per word.")
     if not (isinstance(duration, int) and duration > 0):
         raise RenderError(f"duration must be a positive number of milliseconds, got {duration!r}.")
-    if not (isinstance(min_size, int) and min_size > 0):
-        raise RenderError(f"min_size must be a positive number of pixels, got {min_size!r}.")
-    height, width = rgb.shape[:2]
-    scale = max(1.0, min_size / max(height, width))
-    size = (round(height * scale), round(width * scale))
-    big = rgb if scale == 1 else np.asarray(Image.fromarray(rgb).resize(size[::-1], Image.BICUBIC))
-    tiles = _compose(big, _pixels(maps, grid, (height, width), size, sigma), cmap, alpha, normalize,
-                     [repr(w) for w in words])
-    frames = [_with_caption(tile, words, i) for i, tile in enumerate(tiles)]
+    for name, value in (("min_size", min_size), ("max_size", max_size)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 16384):
+            raise RenderError(f"{name} must be a number of pixels in [1, 16384], got {value!r}.")
+    if min_size > max_size:
+        raise RenderError(f"min_size ({min_size}) is larger than max_size ({max_size}): pass min_size <= max_size.")
     path = Path(path)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration, loop=0)
+    kind = format or ("webp" if path.suffix.lower() == ".webp" else "gif")
+    if kind not in ("gif", "webp"):
+        raise RenderError(f"format must be 'gif', 'webp' or None, got {format!r}.")
+    if kind == "webp":
+        from PIL import features
+
+        if not features.check_module("webp"):
+            raise RenderError("This Pillow has no animated WebP support: write a .gif, or install a Pillow "
+                              "built with libwebp (pip install --force-reinstall pillow).")
+    height, width = rgb.shape[:2]
+    scale = min(max(1.0, min_size / max(height, width)), max_size / max(height, width))
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    big = rgb if size == (height, width) else np.asarray(
+        Image.fromarray(rgb).resize(size[::-1], Image.BICUBIC if scale > 1 else Image.LANCZOS))
+    levels, blank, _ = _levels(maps, grid, (height, width), size, sigma, normalize, [repr(w) for w in words])
+    tiles = _compose(big, levels, blank, cmap, alpha, blend)
+    frames = [_with_caption(tile, words, i) for i, tile in enumerate(tiles)]
+    options = {"lossless": False, "quality": 80, "method": 4} if kind == "webp" else {}
+    frames[0].save(path, format=kind.upper(), save_all=True, append_images=frames[1:], duration=duration, loop=0,
+                   **options)
     return path
 
 
@@ -287,93 +341,66 @@ def _labels(labels, n: int, prefix: str) -> list[str]:
 
 # --- pixels and colors -------------------------------------------------------------------------------------
 
-def _pixels(maps: np.ndarray, grid: Grid | None, image_hw, out_hw, sigma: float) -> np.ndarray:
-    """`(n, a, b)` maps as `(n, *out_hw)` pixel values: grid maps smoothed and upsampled, pixel maps resized."""
-    if grid is None and maps.shape[-2:] == tuple(image_hw):
-        if tuple(out_hw) == tuple(image_hw):
-            return maps
-        return upsample(maps, Grid(*image_hw), out_hw, sigma=0)
-    if grid is None:
-        grid = Grid(*maps.shape[-2:])
-    if not isinstance(grid, Grid):
-        raise RenderError(f"grid must be an attnhook Grid or None, got {type(grid).__name__}.")
-    if grid.box is not None and tuple(out_hw) != tuple(image_hw):
-        sy, sx = out_hw[0] / image_hw[0], out_hw[1] / image_hw[1]
-        x0, y0, x1, y1 = grid.box
-        grid = replace(grid, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
-    return upsample(maps, grid, tuple(out_hw), sigma=sigma)
-
-
-def _normalized(px: np.ndarray, normalize, names) -> tuple[np.ndarray, np.ndarray]:
-    """Maps scaled to [0, 1] and a mask of the blank ones (warned about)."""
-    flat = px.reshape(len(px), -1)
-    low, high = flat.min(axis=1), flat.max(axis=1)
-    if normalize in ("max", "global"):
-        if (low < 0).any():
-            raise RenderError(f"normalize={normalize!r} needs maps >= 0, got a minimum of {low.min():.4g}. "
-                              "Use normalize='minmax' for signed maps.")
-        top = np.full_like(high, high.max()) if normalize == "global" else high
-        blank = top <= 0
-        out = px / np.where(blank, 1, top)[:, None, None]
-    elif normalize == "minmax":
-        blank = high <= low
-        out = (px - low[:, None, None]) / np.where(blank, 1, high - low)[:, None, None]
-    elif normalize is None:
-        if low.min() < 0 or high.max() > 1 + 1e-6:
-            raise RenderError(f"normalize=None needs maps in [0, 1], got [{low.min():.4g}, {high.max():.4g}]. "
-                              "Use normalize='max' (the default) or 'minmax'.")
-        blank = high <= 0
-        out = px
-    else:
-        raise RenderError(f"normalize must be 'max', 'global', 'minmax' or None, got {normalize!r}.")
-    if blank.any():
-        which = [names[i] for i in np.flatnonzero(blank)]
-        warnings.warn(
-            f"{len(which)} map(s) are all zero ({', '.join(which[:8])}{', ...' if len(which) > 8 else ''}): "
-            "drawn as the plain image. The attention went to keys off the grid (a CLS or text token), or the "
-            "grid does not match the keys.", AttnHookWarning, stacklevel=3)
-    return np.clip(out, 0, 1), blank
-
-
-def _lut(cmap) -> np.ndarray:
-    """256 x 3 uint8 colors of a matplotlib colormap (a name or a Colormap)."""
-    import matplotlib
-
-    try:
-        colors = matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
-        table = np.asarray(colors(np.linspace(0, 1, 256)))[:, :3]
-    except (KeyError, TypeError, ValueError):
-        raise RenderError(f"cmap must be a matplotlib colormap or its name (e.g. 'jet', 'inferno'), "
-                          f"got {cmap!r}.") from None
-    return np.rint(table * 255).astype(np.uint8)
-
-
-def _compose(rgb: np.ndarray, px: np.ndarray, cmap, alpha: float, normalize, names) -> np.ndarray:
-    """`(n, H, W, 3)` uint8: each map colored and blended over the image."""
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise RenderError(f"alpha must be a number in [0, 1], got {alpha!r}.")
-    norm, blank = _normalized(px, normalize, names)
-    lut = _lut(cmap)
-    base = rgb.astype(np.float32) * (1 - alpha)
-    out = np.empty((len(px), *rgb.shape), np.uint8)
-    for i, m in enumerate(norm):
-        if blank[i]:
-            out[i] = rgb
-        else:
-            colored = lut[np.rint(m * 255).astype(np.uint8)]
-            out[i] = np.rint(base + colored * np.float32(alpha)).astype(np.uint8)
-    return out
+def _fit(rgb: np.ndarray, max_size: int = MAX_SIZE) -> np.ndarray:
+    """The image with its longer side shrunk to at most `max_size` pixels (unchanged when it fits)."""
+    height, width = rgb.shape[:2]
+    if max(height, width) <= max_size:
+        return rgb
+    scale = max_size / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.LANCZOS))
 
 
 # --- figures -----------------------------------------------------------------------------------------------
 
-def _panels(tiles, titles, row_labels, nrows, ncols, suptitle, panel_size, fig, ax):
-    """Draw `tiles` (n, H, W, 3) into a nrows x ncols grid of panels; return the Figure."""
+_FIGURE = None
+
+
+def _figure_class():
+    """A `matplotlib.figure.Figure` that shows itself in a notebook as PNG, with no `%matplotlib` needed."""
+    global _FIGURE
+    if _FIGURE is None:
+        from matplotlib.figure import Figure
+
+        class AttnFigure(Figure):
+            """A matplotlib Figure that a notebook displays as PNG without `%matplotlib inline`."""
+
+            def _repr_png_(self):
+                import io
+
+                buffer = io.BytesIO()
+                self.savefig(buffer, format="png", dpi=100)
+                return buffer.getvalue()
+
+        _FIGURE = AttnFigure
+    return _FIGURE
+
+
+def _colorbar(figure, scale, cmap, cax=None, axes=None):
+    """The color scale of the levels, ticks and label saying which normalization made them."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    mappable = ScalarMappable(norm=Normalize(0, 1), cmap=ListedColormap(_lut(cmap) / 255.0))
+    bar = figure.colorbar(mappable, cax=cax, ax=None if cax is not None else axes,
+                          **({} if cax is not None else {"fraction": 0.046, "pad": 0.04}))
+    bar.set_ticks([t for t, _ in scale["ticks"]], labels=[s for _, s in scale["ticks"]])
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(scale["label"], fontsize=8)
+    return bar
+
+
+def _panels(tiles, titles, row_labels, nrows, ncols, suptitle, panel_size, fig, ax, scale=None, cmap=CMAP):
+    """Draw `tiles` (n, H, W, 3) into a nrows x ncols grid of panels, with a colorbar for `scale`; return the
+    Figure."""
     from matplotlib.figure import Figure
 
     n = len(tiles)
     height, width = tiles.shape[1:3]
     caption = textwrap.wrap(str(suptitle), max(20, int(ncols * panel_size * 9))) if suptitle else []
+    if not (isinstance(panel_size, (int, float)) and 0.2 <= panel_size <= 20):
+        raise RenderError(f"panel_size must be a width in inches in [0.2, 20], got {panel_size!r}.")
+    cax = None
     if ax is not None:
         axes = list(np.ravel(np.asarray(ax, dtype=object)))
         if len(axes) < n:
@@ -383,18 +410,25 @@ def _panels(tiles, titles, row_labels, nrows, ncols, suptitle, panel_size, fig, 
         if fig is None:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-            # sizes in inches: panels of the image's aspect, a title line above each, the caption on top
+            # sizes in inches: panels of the image's aspect, a title line above each, the caption on top,
+            # the colorbar on the right
             left, gap, title = (0.4 if row_labels else 0.1), 0.08, 0.3
+            right = 1.05 if scale else 0.1
             top = 0.2 + 0.22 * len(caption) if caption else 0.0
             panel_h = panel_size * height / width
-            fig_w = left + ncols * panel_size + (ncols - 1) * gap + 0.1
+            fig_w = left + ncols * panel_size + (ncols - 1) * gap + right
             fig_h = top + nrows * (panel_h + title) + 0.05
-            fig = Figure(figsize=(fig_w, fig_h))
+            fig = _figure_class()(figsize=(fig_w, fig_h))
             FigureCanvasAgg(fig)
-            fig.subplots_adjust(left=left / fig_w, right=1 - 0.1 / fig_w, bottom=0.05 / fig_h,
+            fig.subplots_adjust(left=left / fig_w, right=1 - right / fig_w, bottom=0.05 / fig_h,
                                 top=1 - (top + title) / fig_h, wspace=gap / panel_size, hspace=title / panel_h)
+            if scale:
+                span = min(nrows * (panel_h + title) - title, 3.0)
+                y0 = 0.05 + (nrows * (panel_h + title) - title - span) / 2
+                cax = [1 - (right - 0.12) / fig_w, y0 / fig_h, 0.12 / fig_w, span / fig_h]
         axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
         figure = fig
+        cax = None if cax is None else fig.add_axes(cax)
     for i, a in enumerate(axes):
         if i >= n:
             if ax is None:
@@ -408,6 +442,8 @@ def _panels(tiles, titles, row_labels, nrows, ncols, suptitle, panel_size, fig, 
             spine.set_visible(False)
         if row_labels and i % ncols == 0:
             a.set_ylabel(row_labels[i // ncols], fontsize=10)
+    if scale:
+        _colorbar(figure, scale, cmap, cax=cax, axes=axes[:n])
     if caption and ax is None:
         figure.suptitle("\n".join(caption), fontsize=12)
     while not isinstance(figure, Figure):  # a SubFigure: hand back the figure that can be saved

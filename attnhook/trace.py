@@ -289,6 +289,12 @@ class Trace:
 
         return save(self, path)
 
+    def _repr_html_(self) -> str:
+        """A notebook shows the sites, and the viewer when `meta` holds words, grid and image size."""
+        from .html import trace_html
+
+        return trace_html(self)
+
     def __repr__(self) -> str:
         return (f"Trace({len(self._sites)} sites, {self.sequences} sequence(s), "
                 f"{self.nbytes / 2**20:.2f} MiB{', cut' if self.cut else ''})")

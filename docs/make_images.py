@@ -2,14 +2,14 @@
 
 The maps come from a real recording (`attnhook.record`) of a small hand-wired attention model: its keys are
 per-cell features of the picture (color and shape masks, position), its queries one vector per word, and
-its weights are set by hand rather than trained, so the pictures are reproducible without downloads. It
-also prints the measurements behind the default sigma. The viewer screenshot needs Debian's `chromium`.
+its weights are set by hand rather than trained, so the pictures are reproducible without downloads. The
+before/after picture uses the bundled demo model on a shapes-world scene. It also prints the measurements
+behind the default sigma. The viewer screenshots need Debian's `chromium` and playwright.
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from attnhook.grid import Grid
 from attnhook.html import save_html
 from attnhook.maps import SIGMA, attention_maps, upsample
 from attnhook.render import overlay, plot_heads, plot_words, save_gif
+
+OLD = dict(cmap="jet", alpha=0.5, blend="constant", normalize="max")   # the look of attnhook 0.1
 
 OUT = Path(__file__).parent / "img"
 H, W, ROWS, COLS = 120, 160, 6, 8                       # 20 x 20 pixel cells
@@ -116,21 +118,66 @@ def sigma_figure(image: np.ndarray, one: np.ndarray) -> None:
 
 
 def viewer_screenshot(image: np.ndarray, maps: np.ndarray) -> None:
+    """The viewer at 1280 and 420 pixels wide, on the word "circle"."""
     chromium = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        chromium = None
     if chromium is None:
-        print("chromium not found: viewer.png not made")
+        print("chromium or playwright not found: viewer screenshots not made")
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        page = save_html(Path(tmp) / "viewer.html", image, WORDS, maps, layer_labels=["layer 0", "layer 1"])
-        # open the page on word 2 ("circle") by a click in a script appended to a copy of it
-        text = page.read_text().replace("</body>", "<script>document.querySelectorAll('.word')[2].click()"
-                                                   "</script></body>")
-        page.write_text(text)
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--disable-component-update", "--disable-sync", "--no-first-run",
-                        f"--user-data-dir={tmp}/profile", f"--screenshot={OUT / 'viewer.png'}",
-                        "--window-size=560,560", page.as_uri()],
-                       check=True, capture_output=True, timeout=60)
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        page_path = save_html(Path(tmp) / "viewer.html", image, WORDS, maps,
+                              layer_labels=["decoder.layers.0.cross_attn", "decoder.layers.1.cross_attn"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        for name, width in (("viewer.png", 1280), ("viewer-narrow.png", 420)):
+            page = browser.new_page(viewport={"width": width, "height": 600})
+            page.goto(page_path.as_uri())
+            page.wait_for_function("document.querySelector('.attnhook-viewer').dataset.ready === '1'")
+            page.locator(".ah-word").nth(2).click()
+            page.locator(".attnhook-viewer").screenshot(path=str(OUT / name))
+            page.close()
+        browser.close()
+
+
+def before_after() -> None:
+    """The bundled demo transformer's map for a color word, drawn the 0.1 way and the default way."""
+    from attnhook import demo
+
+    model = demo.load("transformer")
+    scenes = [s for s in demo.make_images(200, seed=11, size=(64, 96))
+              if len(s.objects) == 2 and {o.color for o in s.objects} >= {"red", "green"}]
+    scene = scenes[0]
+    with ah.record(model, sites="cross", layers=-1) as trace:
+        words = model.caption([scene])[0].split()
+    grid = model.grid((64, 96))
+    maps = attention_maps(trace, grid)[0, :len(words)]
+    i = words.index("green")
+    fig = Figure(figsize=(7.6, 1.9))
+    FigureCanvasAgg(fig)
+    panels = [(scene.image, "the image"), (overlay(scene.image, maps[i], grid=grid, **OLD), "0.1: jet, alpha 0.5"),
+              (overlay(scene.image, maps[i], grid=grid), "now: opacity follows the map")]
+    for ax, (picture, title) in zip(fig.subplots(1, 3), panels):
+        ax.imshow(picture)
+        ax.set_title(f"{title}", fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(f"\u201cgreen\u201d in \u201c{' '.join(words)}\u201d", fontsize=10)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.78, wspace=0.04)
+    fig.savefig(OUT / "before-after.png", dpi=90)
+
+
+def flat_and_peaked(image: np.ndarray) -> None:
+    """A uniform map and a one-cell map under normalize="max" (0.1) and "mass" (the default)."""
+    flat = np.full((ROWS, COLS), 1 / (ROWS * COLS))
+    peaked = np.zeros((ROWS, COLS))
+    peaked[2, 2] = 1
+    maps = np.stack([flat, peaked])
+    plot_words(image, ["uniform", "one cell"], maps, grid=Grid(ROWS, COLS), normalize="max", panel_size=1.8,
+               title="normalize='max' (0.1): the flat map looks hot").savefig(OUT / "normalize-max.png", dpi=72)
+    plot_words(image, ["uniform", "one cell"], maps, grid=Grid(ROWS, COLS), panel_size=1.8,
+               title="normalize='mass' (default): the flat map looks flat").savefig(OUT / "normalize-mass.png",
+                                                                                     dpi=72)
 
 
 def main() -> None:
@@ -140,9 +187,14 @@ def main() -> None:
     grid = Grid(ROWS, COLS)
     mean = maps.mean((1, 2))                                   # (words, rows, cols)
     plot_words(image, WORDS, mean, grid=grid, ncols=4, panel_size=2.0).savefig(OUT / "words.png", dpi=72)
+    plot_words(image, WORDS, mean, grid=grid, ncols=4, panel_size=2.0, colorbar=False,
+               **OLD).savefig(OUT / "words-old.png", dpi=72)
     plot_heads(image, maps[WORDS.index("red")], word="red", grid=grid,
                panel_size=1.8).savefig(OUT / "heads.png", dpi=72)
     overlay(image, mean[WORDS.index("square")], grid=grid).save(OUT / "overlay.png")
+    overlay(image, mean[WORDS.index("square")], grid=grid, **OLD).save(OUT / "overlay-old.png")
+    flat_and_peaked(image)
+    before_after()
     sigma_figure(image, mean[WORDS.index("circle")])
     with tempfile.TemporaryDirectory() as tmp:
         gif = Image.open(save_gif(Path(tmp) / "caption.gif", image, WORDS, mean, grid=grid))

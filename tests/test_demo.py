@@ -141,3 +141,30 @@ def test_sat_runs_are_kept_apart_with_new_sequence():
             model.caption(scenes)
         site = alone.sites[0]
         torch.testing.assert_close(trace.weights(site, sequence), alone.weights(site))
+
+
+@pytest.mark.parametrize("name", demo.NAMES)
+def test_training_box_term_reads_what_the_quality_test_reads(name):
+    """The box term of `attnhook.demo.train` teaches the attention that attnhook records and the quality test
+    scores: the head-averaged last cross-attention layer, row i for word i; its cells are those of the box."""
+    from attnhook.demo.train import _Attention, box_masks
+    from attnhook.maps import attention_maps
+
+    model = demo.load(name)
+    scenes = demo.make_images(4, seed=31, size=(64, 96))
+    tokens = demo.encode_captions([s.caption for s in scenes])
+    with torch.no_grad(), _Attention(model) as taught:
+        model(demo.to_tensor(scenes), tokens[:, :-1])
+    with ah.record(model, sites="cross", layers=-1) as trace:
+        model(demo.to_tensor(scenes), tokens[:, :-1])
+    grid = model.grid((64, 96))
+    recorded = attention_maps(trace, grid)                                # (batch, steps, rows, cols)
+    np.testing.assert_allclose(taught.weights().reshape(recorded.shape).numpy(), recorded, atol=1e-6)
+    cells, named = box_masks(scenes, grid, tokens.shape[1] - 1)
+    for b, scene in enumerate(scenes):
+        for i, box in enumerate(scene.word_boxes):
+            assert bool(named[b, i]) == (box is not None)
+            if box is not None:
+                r, c = np.unravel_index(np.flatnonzero(cells[b, i].numpy()), (grid.rows, grid.cols))
+                x0, y0, x1, y1 = box
+                assert ((r + 0.5) * 64 / grid.rows >= y0).all() and ((c + 0.5) * 96 / grid.cols < x1).all()

@@ -1,16 +1,10 @@
-"""save_html(): a standalone page, checked as text and clicked in a real headless Chromium."""
+"""viewer() and save_html(): a standalone page, checked as text and driven in a real headless Chromium
+(playwright on the system's chromium)."""
 
 import base64
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +15,7 @@ from torch import nn
 import attnhook as ah
 from attnhook.errors import AttnHookWarning, RenderError
 from attnhook.grid import Grid
-from attnhook.html import save_html
+from attnhook.html import save_html, viewer
 from attnhook.maps import attention_maps, upsample
 
 D, HEADS = 16, 2
@@ -58,8 +52,8 @@ def picture(h=72, w=108) -> np.ndarray:
 
 def page_data(path: Path) -> dict:
     text = path.read_text()
-    return json.loads(re.search(r'<script id="attnhook-data" type="application/json">(.*?)</script>', text,
-                                re.S).group(1).replace("<\\/", "</"))
+    return json.loads(re.search(r'<script type="application/json" class="ah-data">(.*?)</script>', text,
+                                re.S).group(1))
 
 
 # --- the file ----------------------------------------------------------------------------------------------
@@ -69,10 +63,11 @@ def test_page_is_standalone_and_holds_words_maps_and_image(tmp_path):
     path = save_html(tmp_path / "v.html", picture(), WORDS, maps)
     text = path.read_text()
     assert not re.search(r"https?:|src=[\"']//|@import|url\(", text)    # nothing from the network
-    assert "&lt;circle&gt;" in text and "<circle>" not in text.split("<script")[0]
-    image = re.search(r'src="data:image/png;base64,([^"]+)"', text).group(1)
-    assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<circle>" not in text and "\\u003ccircle\\u003e" in text    # only in the data, escaped
     data = page_data(path)
+    image = re.fullmatch(r"data:image/png;base64,(.+)", data["image"]).group(1)
+    assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert " id=" not in text                                          # no fixed ids: many viewers per page
     assert data["words"] == WORDS
     assert data["layers"] == ["mean", "layer 0", "layer 1"] and data["heads"] == ["mean", "head 0", "head 1"]
     stored = np.frombuffer(base64.b64decode(data["maps"]), np.uint8).reshape(5, 3, 3, 4, 4)
@@ -80,11 +75,13 @@ def test_page_is_standalone_and_holds_words_maps_and_image(tmp_path):
         assert np.unravel_index(stored[i, 1, 0].argmax(), (4, 4)) == divmod(cell, 4)
     want = maps[:, 1, 0] / maps[:, 1, 0].max(axis=(-2, -1), keepdims=True)
     np.testing.assert_allclose(stored[:, 2, 1] / 255, want, atol=1 / 255)
+    tops = np.frombuffer(base64.b64decode(data["tops"]), "<f4").reshape(5, 3, 3)
+    np.testing.assert_allclose(tops[:, 2, 1], maps[:, 1, 0].max(axis=(-2, -1)), rtol=1e-6)
     assert (data["height"], data["width"]) == (256, 384)               # small images are shown larger
 
 
 def test_page_refuses_bad_input_and_warns_on_blank_maps(tmp_path):
-    maps = np.random.rand(2, 4, 4)
+    maps = np.random.rand(2, 4, 4) / 16
     with pytest.raises(RenderError, match="3 words but 2 maps"):
         save_html(tmp_path / "v.html", picture(), ["a", "b", "c"], maps)
     with pytest.raises(RenderError, match=r"got shape \(4, 4\)"):
@@ -99,161 +96,233 @@ def test_page_refuses_bad_input_and_warns_on_blank_maps(tmp_path):
         save_html(tmp_path / "v.html", picture(), ["a", "b"], np.stack([maps[0], 0 * maps[1]]))
 
 
+    with pytest.raises(RenderError, match="sums? to more"):
+        save_html(tmp_path / "v.html", picture(), ["a", "b"], 32 * maps)   # not attention mass
+    with pytest.raises(RenderError, match="display_size"):
+        save_html(tmp_path / "v.html", picture(), ["a", "b"], maps, display_size=100000)
+
+
+def test_layer_labels_are_readable_with_the_module_path_kept_for_hover(tmp_path):
+    maps = recorded_maps()
+    data = page_data(save_html(tmp_path / "v.html", picture(), WORDS, maps,
+                               layer_labels=["decoder.layers.0.multihead_attn", "decoder.layers.1.multihead_attn"]))
+    assert data["layers"] == ["mean", "layer 0 \u00b7 multihead_attn", "layer 1 \u00b7 multihead_attn"]
+    assert data["layerHover"][1:] == ["decoder.layers.0.multihead_attn", "decoder.layers.1.multihead_attn"]
+
+
 # --- in a browser ------------------------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-class DevTools:
-    """The smallest Chrome DevTools Protocol client: one page, over a stdlib websocket."""
-
-    def __init__(self, url: str):
-        parts = urllib.parse.urlparse(url)
-        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {parts.path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
-                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += self.sock.recv(1)
-        assert b" 101 " in head.split(b"\r\n")[0], head
-        self.next_id = 0
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        payload = json.dumps({"id": self.next_id, "method": method, "params": params}).encode()
-        mask = os.urandom(4)
-        n = len(payload)
-        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 65536 \
-            else bytes([0x80 | 127]) + n.to_bytes(8, "big")
-        self.sock.sendall(b"\x81" + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-        while True:
-            message = json.loads(self._receive())
-            if message.get("id") == self.next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-
-    def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(result["exceptionDetails"])
-        return result["result"].get("value")
-
-    def click(self, x: float, y: float):
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-    def _exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("DevTools closed the connection")
-            data += chunk
-        return data
-
-    def _receive(self) -> str:
-        parts = []
-        while True:
-            first, second = self._exact(2)
-            n = second & 0x7F
-            if n == 126:
-                n = int.from_bytes(self._exact(2), "big")
-            elif n == 127:
-                n = int.from_bytes(self._exact(8), "big")
-            data = self._exact(n)
-            if first & 0x0F in (0, 1, 2):
-                parts.append(data)
-                if first & 0x80:
-                    return b"".join(parts).decode()
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by playwright (the system's chromium: `playwright install` is not needed)."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the viewer's browser "
+                    "tests need it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
 
 
 @pytest.fixture()
-def browser_page():
-    """Open a file in headless Chromium; yield a function url -> DevTools of that page."""
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the viewer's browser "
-                    "test needs it")
-    profile = tempfile.mkdtemp(prefix="attnhook-chromium-")
-    processes = []
+def open_page(browser):
+    """open_page(path, width=900) -> a playwright page showing the file, every viewer started; page errors,
+    dialogs and requests to anything but the file are collected in page.problems."""
+    pages = []
 
-    def open_page(url: str) -> DevTools:
-        proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                 "--window-size=900,900", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        processes.append(proc)
-        port_file = Path(profile) / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("chromium did not open its DevTools port")
-            time.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
-        while True:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as reply:
-                pages = [t for t in json.load(reply) if t["type"] == "page" and t["url"].startswith("file:")]
-            if pages:
-                return DevTools(pages[0]["webSocketDebuggerUrl"])
-            if time.monotonic() > deadline:
-                raise RuntimeError("chromium opened no page")
-            time.sleep(0.05)
+    def open_(path: Path, width: int = 900):
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.problems = []
+        page.on("pageerror", lambda e: page.problems.append(f"error: {e}"))
+        page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
+        page.on("request", lambda r: r.url.startswith(("file:", "data:")) or page.problems.append(f"fetch {r.url}"))
+        page.goto(path.as_uri())
+        page.wait_for_function("[...document.querySelectorAll('.attnhook-viewer')]"
+                               ".every(v => v.dataset.ready === '1')", timeout=30000)
+        pages.append(page)
+        return page
 
-    yield open_page
-    for proc in processes:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    shutil.rmtree(profile, ignore_errors=True)
+    yield open_
+    for page in pages:
+        page.close()
 
 
-SNAPSHOT = """(() => {
-  const c = document.getElementById("map"), d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-  let hash = 0; for (let i = 0; i < d.length; i++) hash = (hash * 31 + d[i]) | 0;
-  const f = attnhookViewer.field; let best = 0;
-  for (let i = 1; i < f.length; i++) if (f[i] > f[best]) best = i;
-  return {hash, peak: [Math.floor(best / c.width), best % c.width], word: attnhookViewer.state.word,
-          status: document.getElementById("status").textContent, on: document.querySelector(".word.on").textContent};
-})()"""
+def snapshot(page, index: int = 0) -> dict:
+    return page.evaluate("""(i) => {
+      const root = document.querySelectorAll('.attnhook-viewer')[i], v = root.attnhook;
+      const c = root.querySelector('.ah-map'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      let hash = 0; for (let k = 0; k < d.length; k++) hash = (hash * 31 + d[k]) | 0;
+      const f = v.field; let best = 0;
+      for (let k = 1; k < f.length; k++) if (f[k] > f[best]) best = k;
+      return {hash, peak: [Math.floor(best / c.width), best % c.width], word: v.state.word, layer: v.state.layer,
+              head: v.state.head, status: root.querySelector('.ah-status').textContent,
+              on: root.querySelector('.ah-word.ah-on').textContent,
+              hidden: getComputedStyle(c).visibility === 'hidden'};
+    }""", index)
 
 
-def test_clicking_a_word_shows_its_map_in_chromium(tmp_path, browser_page):
+def test_clicking_a_word_shows_its_map_in_chromium(tmp_path, open_page):
     maps = recorded_maps()
-    image = picture()
-    path = save_html(tmp_path / "viewer.html", image, WORDS, maps, layer_labels=["first", "second"])
-    page = browser_page(path.as_uri())
-    deadline = time.monotonic() + 30
-    while not page.evaluate("document.readyState === 'complete' && !!window.attnhookViewer"):
-        assert time.monotonic() < deadline, "the viewer did not start"
-        time.sleep(0.05)
+    path = save_html(tmp_path / "viewer.html", picture(), WORDS, maps, layer_labels=["first", "second"])
+    page = open_page(path)
     height, width = page_data(path)["height"], page_data(path)["width"]
-    page.evaluate("(() => { const s = document.getElementById('layer'); s.value = '1';"
-                  " s.dispatchEvent(new Event('change')); })()")               # layer 'first': steps look at LOOKS
-    before = page.evaluate(SNAPSHOT)
-    assert before["word"] == 0 and before["on"] == "a"
-
+    page.select_option(".ah-layer", "1")                               # layer 'first': steps look at LOOKS
+    before = snapshot(page)
+    assert before["word"] == 0 and before["on"] == "a" and before["layer"] == 1
     for i in (2, 4):
-        box = page.evaluate(f"(() => {{ const r = document.querySelectorAll('.word')[{i}].getBoundingClientRect();"
-                            " return [r.left + r.width / 2, r.top + r.height / 2]; })()")
-        page.click(*box)                                                # a real mouse click on the word
-        after = page.evaluate(SNAPSHOT)
+        page.locator(".ah-word").nth(i).click()                        # a real mouse click on the word
+        after = snapshot(page)
         assert after["word"] == i and after["on"] == WORDS[i] and WORDS[i] in after["status"]
         assert after["hash"] != before["hash"], "the displayed map did not change"
         r, c = divmod(LOOKS[i], 4)                                      # its peak is on the cell it looked at
         assert (after["peak"][0] * 4 // height, after["peak"][1] * 4 // width) == (r, c)
         before = after
-
-    # what the page computes is what upsample() computes: same smoothing, same alignment
-    field = np.asarray(page.evaluate("Array.from(attnhookViewer.field)"), np.float32).reshape(height, width)
+    # what the page computes is what upsample() computes: same smoothing, same alignment, same values
+    field = np.asarray(page.evaluate("Array.from(document.querySelector('.attnhook-viewer').attnhook.field)"),
+                       np.float32).reshape(height, width)
     want = upsample(maps[4, 0].mean(0), Grid(4, 4), (height, width))
-    np.testing.assert_allclose(field / field.max(), want / want.max(), atol=0.01)
-
-    page.evaluate("(() => { const s = document.getElementById('head'); s.value = '2';"
-                  " s.dispatchEvent(new Event('change')); })()")               # head 1 of layer 'first'
-    head = page.evaluate(SNAPSHOT)
+    np.testing.assert_allclose(field, want, atol=0.01 * want.max())
+    page.select_option(".ah-head", "2")                                # head 1 of layer 'first'
+    head = snapshot(page)
     assert head["hash"] != before["hash"] and "head 1" in head["status"] and "first" in head["status"]
+    assert page.problems == []
+
+
+def test_keys_move_between_words_and_o_shows_the_original(tmp_path, open_page):
+    page = open_page(save_html(tmp_path / "v.html", picture(), WORDS, recorded_maps()))
+    page.locator(".attnhook-viewer").focus()
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    assert snapshot(page)["word"] == 2
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("End")
+    assert snapshot(page)["word"] == 4
+    page.keyboard.press("o")
+    state = snapshot(page)
+    assert state["hidden"] and "original image" in state["status"]   # the map is off: the image as it is
+    page.keyboard.press("o")
+    assert not snapshot(page)["hidden"]
+
+
+def test_overview_strip_and_heads_by_layers_grid(tmp_path, open_page):
+    page = open_page(save_html(tmp_path / "v.html", picture(), WORDS, recorded_maps()))
+    strip = page.locator(".ah-strip figure")
+    assert strip.count() == len(WORDS)
+    assert [strip.nth(i).inner_text() for i in range(len(WORDS))] == WORDS
+    grid = page.locator(".ah-grid figure")
+    assert grid.count() == 2 * HEADS                                   # layers x heads, without the means
+    painted = page.evaluate("""() => [...document.querySelectorAll('.ah-strip canvas, .ah-grid canvas')].map(c => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let s = 0;
+        for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2]; return s; })""")
+    assert all(v > 0 for v in painted)
+    strip.nth(3).click()
+    assert snapshot(page)["word"] == 3
+    grid.nth(3).click()                                                # second layer, second head
+    state = snapshot(page)
+    assert (state["layer"], state["head"]) == (2, 2) and "layer 1" in state["status"] and "head 1" in state["status"]
+    bar = page.locator(".ah-scale-label").inner_text()
+    assert bar == "attention per cell (x uniform 1/16)" and page.locator(".ah-ticks span").count() >= 3
+
+
+@pytest.mark.parametrize("width", [400, 1600])
+def test_viewer_fits_the_window(tmp_path, open_page, width):
+    image = np.zeros((300, 800, 3), np.uint8)                          # wide: display size 768
+    maps = np.random.default_rng(0).dirichlet(np.ones(16), (3, 2, 2)).reshape(3, 2, 2, 4, 4)
+    page = open_page(save_html(tmp_path / "v.html", image, ["a", "wide", "picture"], maps), width=width)
+    box = page.evaluate("""() => { const r = (s) => document.querySelector(s).getBoundingClientRect();
+        return {doc: document.documentElement.scrollWidth, stage: r('.ah-stage'), map: r('.ah-map'),
+                grid: r('.ah-grid'), image: r('.ah-image')}; }""")
+    assert box["doc"] <= width                                         # no horizontal scrolling
+    assert box["stage"]["width"] <= width and abs(box["map"]["width"] - box["image"]["width"]) < 1
+    assert abs(box["map"]["height"] - box["image"]["height"]) < 1      # the map stays on the picture
+    if width == 1600:
+        assert box["stage"]["width"] == 768 and box["grid"]["left"] >= box["stage"]["right"]   # side by side
+    else:
+        assert box["stage"]["width"] < 400 and box["grid"]["top"] >= box["stage"]["bottom"]   # stacked
+    page.locator(".ah-word").nth(1).click()
+    assert snapshot(page)["word"] == 1
+
+
+def test_two_viewers_on_one_page_work_independently(tmp_path, open_page):
+    maps = recorded_maps()
+    one = viewer(picture(), WORDS, maps)
+    two = viewer(picture(54, 54), ["x", "y", "z"], maps[:3, :, :, :, :])
+    path = tmp_path / "two.html"
+    path.write_text("<!doctype html><meta charset='utf-8'><body><p class='ah-word'>page text</p>"
+                    f"{one.html}<p>between</p>{two.html}</body>", encoding="utf-8")
+    page = open_page(path)
+    assert page.locator(".attnhook-viewer").count() == 2
+    page.locator(".attnhook-viewer").nth(1).locator(".ah-word").nth(2).click()
+    assert snapshot(page, 0)["word"] == 0 and snapshot(page, 1)["word"] == 2
+    page.locator(".attnhook-viewer").nth(0).focus()
+    page.keyboard.press("ArrowRight")
+    assert snapshot(page, 0)["word"] == 1 and snapshot(page, 1)["word"] == 2
+    page.locator(".attnhook-viewer").nth(1).locator(".ah-layer").select_option("2")
+    assert snapshot(page, 0)["layer"] == 0 and snapshot(page, 1)["layer"] == 2
+    # the viewers' CSS stays inside them: a page element with the same class name is not restyled
+    style = page.evaluate("() => { const s = getComputedStyle(document.querySelector('body > p.ah-word'));"
+                          " return [s.cursor, s.whiteSpace, s.backgroundColor]; }")
+    assert style == ["auto", "normal", "rgba(0, 0, 0, 0)"]
+    assert page.problems == []
+
+
+HOSTILE = ["<!--<script>", "</script>", "<!--", "<script>", "<img src=x onerror=window.pwned=1>",
+           "\"'><svg onload=window.pwned=2>", "]]>", "\u2028\u2029", "&lt;b&gt;", "\ud800", "x\udfffy",
+           "</style><script>window.pwned=3</script>", "{{ word }}", "${window.pwned=4}", "\\u003c/script>"]
+
+
+def test_hostile_words_labels_and_titles_cannot_change_the_page(tmp_path, open_page):
+    rng = np.random.default_rng(5)
+    maps = rng.dirichlet(np.ones(16), (len(HOSTILE), 2, 2)).reshape(len(HOSTILE), 2, 2, 4, 4)
+    path = save_html(tmp_path / "hostile.html", picture(), HOSTILE, maps, title="</title><script>window.pwned=5"
+                     "</script><!--", layer_labels=["a.0.<!--<script>", "</script><img src=x onerror=alert(1)>"],
+                     head_labels=["<b onmouseover=alert(2)>", "\ud800"])
+    text = path.read_text(encoding="utf-8")
+    assert text.count("<script") == 2 and text.count("</script>") == 2  # the data block and the viewer's own
+    page = open_page(path)
+    page.locator(".ah-word").nth(4).hover()
+    page.locator(".ah-word").nth(5).click()
+    page.keyboard.press("ArrowRight")
+    shown = page.evaluate("""() => ({
+        words: [...document.querySelectorAll('.ah-word')].map(s => s.textContent),
+        layers: [...document.querySelectorAll('.ah-layer option')].map(o => o.textContent),
+        title: document.querySelector('.ah-title').textContent, pwned: window.pwned === undefined ? null : window.pwned,
+        extra: document.querySelectorAll('img:not(.ah-image), svg, b, script').length})""")
+    clean = [w for w in HOSTILE if not any(0xD800 <= ord(ch) <= 0xDFFF for ch in w)]
+    assert [w for w in shown["words"] if all(not 0xD800 <= ord(ch) <= 0xDFFF for ch in w)] == clean
+    assert len(shown["words"]) == len(HOSTILE)                         # every word, shown as text
+    assert shown["layers"][2] == "</script><img src=x onerror=alert(1)>"
+    assert shown["title"].startswith("</title><script>")
+    assert shown["pwned"] is None and shown["extra"] == 2              # only the viewer's two scripts
+    assert page.problems == [] and snapshot(page)["word"] == 6
+
+
+def test_a_trace_with_hostile_site_names_and_words_displays_safely(tmp_path, open_page):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({"<img src=x onerror=window[`pwned`]=7>": nn.TransformerDecoderLayer(
+                D, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True)})
+
+        def forward(self, x, memory):
+            return next(iter(self.blocks.values()))(x, memory)
+
+    model = Model().eval()
+    with ah.record(model, sites="cross") as trace:
+        model(torch.randn(1, 3, D), torch.randn(1, 16, D))
+    trace.meta.update(words=[["<!--<script>", "</script>", "\ud800"]], grid=Grid(4, 4), image_size=[32, 32])
+    path = tmp_path / "trace.html"
+    path.write_text(f"<!doctype html><meta charset='utf-8'><body>{trace._repr_html_()}</body>", encoding="utf-8",
+                    errors="strict")
+    page = open_page(path)
+    shown = page.evaluate("() => ({pwned: window.pwned === undefined ? null : window.pwned,"
+                          " imgs: document.querySelectorAll('img:not(.ah-image)').length,"
+                          " cell: document.querySelector('.attnhook-trace code').textContent,"
+                          " words: [...document.querySelectorAll('.ah-word')].length})")
+    assert shown == {"pwned": None, "imgs": 0, "cell": "blocks.<img src=x onerror=window[`pwned`]=7>.multihead_attn",
+                     "words": 3}
+    assert page.problems == []
