@@ -1,0 +1,173 @@
+"""Which grids fit an image: cell sizes with floor or ceil rounding, key masks, and the evidence each fit has.
+
+A fit is *supported* when evidence backs each part of it: the grid by the image size (or a config), the prefix by
+a stride, a config, an exact tiling of the image by cells of a whole number of pixels, or a grid large enough
+(7 x 7, ViT-B/32 at 224, the smallest usual) that a prefix from `USUAL_PREFIXES` is no coincidence. A lone
+unsupported fit is refused (listed, with the argument that settles it), never returned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from ..errors import AmbiguousGrid
+from ._args import _fmt, _num
+from .layout import Grid
+
+USUAL_PREFIXES = (0, 1, 2, 5)
+"""Prefix counts tried when nothing says how many keys precede the grid: none (SigLIP, conv nets), CLS (ViT, CLIP,
+BLIP), CLS + distillation (DeiT), CLS + 4 registers (DINOv2 with registers). Pass `prefix=` for any other count."""
+
+_PREFIX_NAMES = {1: "CLS", 2: "CLS + distillation", 5: "CLS + 4 registers"}
+MIN_PRIOR_SIDE = 7  # smallest grid side at which a prefix from the prior alone is accepted
+
+
+def _cell_interval(n: int, length: int, mode: str):
+    """Real cell sizes s with mode(length / s) == n, as (lo, lo_closed, hi, hi_closed); hi None = unbounded."""
+    if mode == "floor":  # n <= length / s < n + 1
+        return Fraction(length, n + 1), False, Fraction(length, n), True
+    return Fraction(length, n), True, (Fraction(length, n - 1) if n > 1 else None), False  # n - 1 < length/s <= n
+
+
+def _fits(rows: int, cols: int, size, stride) -> str | None:
+    """How a rows x cols grid of cells covers an image of `size` = (H, W), or None.
+
+    A grid fits when one cell size (any real >= 1 px if `stride` is None) gives rows = mode(H / s) and
+    cols = mode(W / s) with the same rounding mode (floor: the patchify convolution drops a remainder; ceil: a
+    padded convolution keeps it).
+    """
+    h, w = size
+    if stride is not None:
+        sy, sx = stride
+        for mode in (math.floor, math.ceil):
+            if rows == mode(Fraction(h) / sy) and cols == mode(Fraction(w) / sx):
+                return f"cells of {_num(sy)}" + ("" if sy == sx else f" x {_num(sx)}") + " px"
+        return None
+    for mode in ("floor", "ceil"):
+        a, b = _cell_interval(rows, h, mode), _cell_interval(cols, w, mode)
+        los = [(a[0], a[1]), (b[0], b[1]), (Fraction(1), True)]
+        lo = max(v for v, _ in los)
+        lo_closed = all(c for v, c in los if v == lo)
+        his = [(v, c) for v, c in ((a[2], a[3]), (b[2], b[3])) if v is not None]
+        if his:
+            hi = min(v for v, _ in his)
+            hi_closed = all(c for v, c in his if v == hi)
+            if not (lo < hi or (lo == hi and lo_closed and hi_closed)):
+                continue
+        cy, cx = Fraction(h, rows), Fraction(w, cols)
+        return f"cells of {_num(cy)}" + ("" if cy == cx else f" x {_num(cx)}") + " px"
+    return None
+
+
+def _exact(rows: int, cols: int, size) -> bool:
+    """Square cells of a whole number (>= 2) of pixels tile the image exactly."""
+    h, w = size
+    return h % rows == 0 and w % cols == 0 and h // rows == w // cols >= 2
+
+
+def _mask_rect(mask: torch.Tensor, rows: int, cols: int):
+    """(valid rows, valid cols) when the True cells of a rows x cols mask form its top-left rectangle, else None."""
+    cells = mask.reshape(rows, cols)
+    vr, vc = int(cells.any(1).sum()), int(cells.any(0).sum())
+    if vr == 0 or vc == 0:
+        return None
+    expect = torch.zeros(rows, cols, dtype=torch.bool)
+    expect[:vr, :vc] = True
+    return (vr, vc) if torch.equal(cells, expect) else None
+
+
+def _divisor_pairs(n: int):
+    """Every (rows, cols) with rows * cols == n; for key counts bounded by a tensor's size (key masks)."""
+    i = 1
+    while i * i <= n:
+        if n % i == 0:
+            yield i, n // i
+            if i != n // i:
+                yield n // i, i
+        i += 1
+
+
+def _aspect_pairs(n: int, size):
+    """The (rows, cols) with rows * cols == n that can fit an image of `size` with one cell size and floor or
+    ceil rounding, plus the square one (for a squash). |rows - H/s| < 1 and |cols - W/s| < 1 confine rows to a
+    window of width about 1 + H/W around sqrt(n H / W), so this is fast for any n."""
+    out = set()
+    r = math.isqrt(n)
+    if r * r == n:
+        out.add((r, r))
+    if size is not None:
+        h, w = size
+        a = w / h
+        d = math.sqrt((a + 1) ** 2 + 4 * a * n)
+        lo, hi = (d - (a + 1)) / (2 * a), (d + (a + 1)) / (2 * a)
+        for r in range(max(1, math.floor(lo) - 2), min(n, math.ceil(hi) + 2) + 1):
+            if n % r == 0:
+                out.add((r, n // r))
+    return sorted(out)
+
+
+@dataclass
+class _Cand:
+    grid: Grid
+    cell: tuple[Fraction, Fraction] | None = None  # model-input pixels per cell, when known
+    valid: tuple[int, int] | None = None  # cells the image occupies (padded batches)
+    supported: bool = True  # evidence backs every part (see the module docstring)
+    placed: bool = True  # the grid's box can be worked out from the image size
+
+
+def _search(keys, size, prefixes, suffix, stride, mask, squash, what, known=()) -> list[_Cand]:
+    found: dict[tuple, _Cand] = {}
+    for p in prefixes:
+        n = keys - p - suffix
+        if n < 1:
+            continue
+        pairs = _divisor_pairs(n) if mask is not None else _aspect_pairs(n, size)
+        for r, c in sorted(pairs):
+            valid = (r, c)
+            if mask is not None:
+                valid = _mask_rect(mask[p:p + n], r, c)
+                if valid is None:
+                    continue
+            exact = False
+            if size is None:
+                if r == c:
+                    rule = f"square: no image size, so a square grid is assumed ({what})"
+                elif mask is not None and valid[1] < c:
+                    rule = f"mask: the key mask repeats every {c} keys ({what})"
+                else:
+                    continue
+            else:
+                how = _fits(*valid, size, stride)
+                if how is not None:
+                    exact = stride is not None or _exact(*valid, size)
+                    on = f"the {_fmt(valid)} cells the image fills" if valid != (r, c) else _fmt((r, c))
+                    rule = f"{'mask' if valid != (r, c) else 'aspect'}: {on} on {_fmt(size)} px, {how} ({what})"
+                elif squash and r == c and mask is None and r <= min(size):
+                    rule = f"squash: a {_fmt((r, c))} grid on the image squashed to a square ({what})"
+                else:
+                    continue
+            supported = p in known or p == 0 or exact or min(r, c) >= MIN_PRIOR_SIDE
+            cell = stride if stride is not None and size is not None else None
+            found.setdefault((p, r, c), _Cand(Grid(r, c, p, suffix, rule, prefix_kind=_PREFIX_NAMES.get(p, "")),
+                                              cell, valid, supported))
+    return list(found.values())
+
+
+def _pick(cands: list[_Cand], keys: int, evidence: str, settle: str) -> _Cand:
+    if len(cands) == 1 and cands[0].supported:
+        return cands[0]
+    listed = "\n".join(f"  {c.grid.describe()}   [{c.grid.rule.split(' (')[0]}]" for c in cands[:8])
+    more = f"\n  ... and {len(cands) - 8} more" if len(cands) > 8 else ""
+    if len(cands) == 1:
+        head = (f"{keys} keys with {evidence} fit only {cands[0].grid.describe()}, but nothing supports its "
+                f"{cands[0].grid.prefix} prefix keys (no stride, no config, cells that do not tile the image in "
+                "whole pixels, a grid under 7 x 7): it may be a coincidence.")
+        err = AmbiguousGrid(f"{head}\n{listed}\n{settle}")
+    else:
+        err = AmbiguousGrid(f"{keys} keys with {evidence} fit {len(cands)} layouts:\n{listed}{more}\n{settle}")
+    err.candidates = [c.grid for c in cands]
+    raise err
