@@ -1,9 +1,11 @@
 """Which grids fit an image: cell sizes with floor or ceil rounding, key masks, and the evidence each fit has.
 
-A fit is *supported* when evidence backs each part of it: the grid by the image size (or a config), the prefix by
-a stride, a config, an exact tiling of the image by cells of a whole number of pixels, or a grid large enough
-(7 x 7, ViT-B/32 at 224, the smallest usual) that a prefix from `USUAL_PREFIXES` is no coincidence. A lone
-unsupported fit is refused (listed, with the argument that settles it), never returned.
+A fit is *supported* when evidence backs each part of it: the grid by the image size (or a config), a prefix of
+one or more keys by `prefix=`, a stride, the model config, or an exact tiling of the image by square cells of a
+whole number of pixels (a patch size the image itself implies). A prefix from `USUAL_PREFIXES` alone is not
+evidence: 10 keys on a 224 x 224 image fit 1 + 3 x 3 by coincidence, 145 keys on 1024 x 1024 fit 1 + 12 x 12
+(they were 144 learned queries and a separator). A lone unsupported fit is refused, listed with the argument
+that settles it, never returned.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ USUAL_PREFIXES = (0, 1, 2, 5)
 BLIP), CLS + distillation (DeiT), CLS + 4 registers (DINOv2 with registers). Pass `prefix=` for any other count."""
 
 _PREFIX_NAMES = {1: "CLS", 2: "CLS + distillation", 5: "CLS + 4 registers"}
-MIN_PRIOR_SIDE = 7  # smallest grid side at which a prefix from the prior alone is accepted
 
 
 def _cell_interval(n: int, length: int, mode: str):
@@ -150,7 +151,7 @@ def _search(keys, size, prefixes, suffix, stride, mask, squash, what, known=()) 
                     rule = f"squash: a {_fmt((r, c))} grid on the image squashed to a square ({what})"
                 else:
                     continue
-            supported = p in known or p == 0 or exact or min(r, c) >= MIN_PRIOR_SIDE
+            supported = p in known or p == 0 or exact
             cell = stride if stride is not None and size is not None else None
             found.setdefault((p, r, c), _Cand(Grid(r, c, p, suffix, rule, prefix_kind=_PREFIX_NAMES.get(p, "")),
                                               cell, valid, supported))
@@ -164,8 +165,8 @@ def _pick(cands: list[_Cand], keys: int, evidence: str, settle: str) -> _Cand:
     more = f"\n  ... and {len(cands) - 8} more" if len(cands) > 8 else ""
     if len(cands) == 1:
         head = (f"{keys} keys with {evidence} fit only {cands[0].grid.describe()}, but nothing supports its "
-                f"{cands[0].grid.prefix} prefix keys (no stride, no config, cells that do not tile the image in "
-                "whole pixels, a grid under 7 x 7): it may be a coincidence.")
+                f"{cands[0].grid.prefix} prefix keys (no prefix=, no stride, no model config, and cells that do not "
+                "tile the image in whole pixels): it may be a coincidence.")
         err = AmbiguousGrid(f"{head}\n{listed}\n{settle}")
     else:
         err = AmbiguousGrid(f"{keys} keys with {evidence} fit {len(cands)} layouts:\n{listed}{more}\n{settle}")

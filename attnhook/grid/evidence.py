@@ -244,7 +244,7 @@ def _from_config(n, f: _Facts, prefix, size, in_size, pre, cell) -> _Cand | None
         sources.append((f.input_size, f"{f.name} image_size{squashed}", size == f.input_size))
     if size is not None and pre is None and size != f.input_size:
         sources.append((size, "the image at its own size", True))
-    tried, exact, inline = [], [], []
+    tried, exact, fallback, inline = [], [], [], []
     for src, where, placed in sources:
         for st in f.stages:
             rc = _stage_grid(st, src)
@@ -270,14 +270,17 @@ def _from_config(n, f: _Facts, prefix, size, in_size, pre, cell) -> _Cand | None
                 p, s = (st.prefix, st.suffix) if rest else (0, 0)
                 extra = f" + {p} {st.prefix_kind or 'prefix'}" if p else ""
                 extra += f" + {s} {st.suffix_kind or 'suffix'}" if s else ""
-                exact.append(make(p, s, base + extra, st.prefix_kind if p else "", st.suffix_kind if s else ""))
+                if rest != st.prefix + st.suffix:
+                    extra += f" (the config's {st.prefix_kind or st.suffix_kind} not among these keys)"
+                (exact if rest == st.prefix + st.suffix else fallback).append(
+                    make(p, s, base + extra, st.prefix_kind if p else "", st.suffix_kind if s else ""))
             elif rest > st.prefix + st.suffix and f.model.placement == "first":
                 exact.append(make(st.prefix, rest - st.prefix, base + "; the image opens the sequence, text follows",
                                   st.prefix_kind, "text"))
             elif rest > st.prefix + st.suffix and is_inline:
                 inline.append((r, c, st, rest, base, make))
     unique = {}
-    for cand in exact:
+    for cand in exact or fallback:
         g = cand.grid
         unique.setdefault((g.prefix, g.rows, g.cols, g.suffix, g.row_sep), cand)
     if unique:
