@@ -85,9 +85,9 @@ def _stride_arg(stride):
         return None
     pair = (stride, stride) if _is_real(stride) else stride
     if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or any(not _is_real(v) or not math.isfinite(v) or not 0 < v <= MAX_SIDE for v in pair)):
+            or any(not _is_real(v) or not math.isfinite(v) or not 1 <= v <= MAX_SIDE for v in pair)):
         raise GridError(
-            f"stride must be a finite positive number or (sy, sx): the model-input pixels per grid cell (the patch "
+            f"stride must be a finite number >= 1 or (sy, sx): the model-input pixels per grid cell (the patch "
             f"size, or the total stride of a convolutional encoder); got {_short(stride)}."
         )
     return Fraction(pair[0]).limit_denominator(1 << 20), Fraction(pair[1]).limit_denominator(1 << 20)

@@ -17,7 +17,7 @@ from fractions import Fraction
 import torch
 
 from ..errors import AmbiguousGrid
-from ._args import _fmt, _num
+from ._args import MAX_SIDE, _fmt, _num
 from .layout import Grid
 
 USUAL_PREFIXES = (0, 1, 2, 5)
@@ -85,7 +85,7 @@ def _divisor_pairs(n: int):
     """Every (rows, cols) with rows * cols == n; for key counts bounded by a tensor's size (key masks)."""
     i = 1
     while i * i <= n:
-        if n % i == 0:
+        if n % i == 0 and n // i <= MAX_SIDE:
             yield i, n // i
             if i != n // i:
                 yield n // i, i
@@ -94,20 +94,22 @@ def _divisor_pairs(n: int):
 
 def _aspect_pairs(n: int, size):
     """The (rows, cols) with rows * cols == n that can fit an image of `size` with one cell size and floor or
-    ceil rounding, plus the square one (for a squash). |rows - H/s| < 1 and |cols - W/s| < 1 confine rows to a
-    window of width about 1 + H/W around sqrt(n H / W), so this is fast for any n."""
+    ceil rounding, plus the square one (for a squash). |rows - H/s| < 1 and |cols - W/s| < 1 confine the axis of
+    the shorter side to a window of width 1 + short / long around its share of sqrt(n), so this takes a few
+    steps for any n."""
     out = set()
     r = math.isqrt(n)
-    if r * r == n:
+    if r * r == n and r <= MAX_SIDE:
         out.add((r, r))
     if size is not None:
         h, w = size
-        a = w / h
+        flip = h > w  # walk the axis of the shorter side: its window is at most 2 wide
+        a = h / w if flip else w / h
         d = math.sqrt((a + 1) ** 2 + 4 * a * n)
         lo, hi = (d - (a + 1)) / (2 * a), (d + (a + 1)) / (2 * a)
-        for r in range(max(1, math.floor(lo) - 2), min(n, math.ceil(hi) + 2) + 1):
-            if n % r == 0:
-                out.add((r, n // r))
+        for k in range(max(1, math.floor(lo) - 2), min(n, math.ceil(hi) + 2, MAX_SIDE) + 1):
+            if n % k == 0 and n // k <= MAX_SIDE:
+                out.add((n // k, k) if flip else (k, n // k))
     return sorted(out)
 
 
