@@ -18,7 +18,8 @@ when evidence supports every part. When several layouts fit it raises `Ambiguous
 picks one silently.
 
 The package, along the flow: `layout` (the types), `geometry` (preprocessing), `families` (the table),
-`_fit` and `evidence` (the evidence chain), `explain`.
+`_fit` (which grids fit an image), `_inputs` (evidence from the processor's output) and `evidence` (the chain),
+`explain`.
 """
 
 from ._fit import USUAL_PREFIXES

@@ -17,6 +17,7 @@ from fractions import Fraction
 import torch
 
 from ..errors import AmbiguousGrid
+from ..errors import GridError
 from ._args import MAX_SIDE, _fmt, _num
 from .layout import Grid
 
@@ -174,3 +175,46 @@ def _pick(cands: list[_Cand], keys: int, evidence: str, settle: str) -> _Cand:
         err = AmbiguousGrid(f"{keys} keys with {evidence} fit {len(cands)} layouts:\n{listed}{more}\n{settle}")
     err.candidates = [c.grid for c in cands]
     raise err
+
+
+def _from_search(n, size, in_size, pre, facts, prefix, cell, mask) -> _Cand:
+    target = in_size or size
+    if cell is None and facts is not None and facts.patch is not None and in_size is not None:
+        cell = tuple(Fraction(v) for v in facts.patch)
+    prefixes = [prefix] if prefix is not None else list(USUAL_PREFIXES)
+    known = {prefix} if prefix is not None else set()
+    for stage in (facts.stages if facts is not None and prefix is None else []):
+        known.add(stage.prefix)  # what the model config says precedes its grid
+        if stage.prefix not in prefixes:
+            prefixes.append(stage.prefix)
+    what = f"prefix={prefix} given" if prefix is not None else "prefix from " + ", ".join(map(str, prefixes))
+    squash = pre is None and cell is None and mask is None
+    cands = _search(n, target, prefixes, 0, cell, mask, squash, what, known)
+    on = f"a {_fmt(size)} image" if size is not None else "no image size"
+    if in_size is not None:
+        on = f"a {_fmt(in_size)} model input" + (f" (from a {_fmt(size)} image)" if size is not None else "")
+    if cell is not None:
+        on += f" and stride {_num(cell[0])}" + ("" if cell[0] == cell[1] else f" x {_num(cell[1])}")
+    if cands:
+        return _pick(cands, n, on, "Pass grid=(rows, cols) or prefix=, or stride= / model= / processor= so the "
+                                   "model's own sizes decide.")
+    hint = ""
+    if mask is not None and _search(n, target, prefixes, 0, cell, ~mask, False, ""):
+        hint = (" The inverted key_mask would fit: key_mask is True where a key holds image content; for torch's "
+                "key_padding_mask (True = padding) pass ~key_padding_mask.")
+    elif prefix is None:
+        other = _search(n, target, range(min(n, 65)), 0, cell, mask, squash, "")
+        if other:
+            hint = " With another prefix these would fit: " + "; ".join(c.grid.describe() for c in other[:4]) + \
+                   ". Pass prefix= if one is right."
+    if target is not None and n - max(prefixes) > target[0] * target[1]:
+        hint = (f" An image of {_fmt(target)} px cannot hold {n - max(prefixes)} grid cells: a cell needs at least "
+                "a pixel (if the model enlarged the image, pass processor=)."
+                + hint)
+    expect = "" if target is None else f" (cells of one size with floor or ceil rounding" + \
+        (", or a square grid on the image squashed to a square)" if squash else ")")
+    raise GridError(
+        f"{n} keys do not fit {on}{expect} with "
+        f"{f'prefix={prefix}' if prefix is not None else 'a prefix of ' + ', '.join(map(str, prefixes))}."
+        f"{hint} Pass grid=(rows, cols) (and prefix=), or model= so its config decides; image_size is (H, W)."
+    )
