@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import GridError, RenderError, SelectionError
-from .grid import Grid, Regions
+from .grid import Grid, Regions, Views
 from .trace import Site, Trace, select
 
 #: Default Gaussian sigma, in grid cells. Show, Attend and Tell smoothed with about 1.25 cells
@@ -24,7 +24,8 @@ SIGMA = 0.5
 
 
 def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, heads="mean",
-                   layers="mean", queries=None, query_sequence: int = 0) -> np.ndarray:
+                   layers="mean", queries=None, query_sequence: int = 0, image_size=None,
+                   per_view: bool = False) -> np.ndarray:
     """Maps on the image grid for every step of one sequence, `(batch, steps, rows, cols)`.
 
     Args:
@@ -50,6 +51,15 @@ def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, he
             query_map[b, q]`. It says where the queries the model attended to had looked, not an exact
             attribution through the query network. `grid` is then the layout of the query sites' keys.
         query_sequence: which recorded sequence of the query sites (the pass that computed the queries).
+        image_size: `(H, W)` of the original image; needed when `grid` is `Views`.
+        per_view: with `Views`, return a list with one `(batch, steps, rows, cols)` map per view instead of the
+            composed one.
+
+    With `Views` (several views of one image: a base view and tiles, crops) the result is one map per step on
+    the original pixels, `(batch, steps, H, W)`: heads are reduced first, then each view's cell weights are
+    spread evenly over the cell's pixels (weight / cell area: attention per pixel), cells outside the image
+    dropped, and the views *add up* where they overlap. Summed over the pixels the map is the attention mass
+    the views' cells inside the image received.
 
     Returns:
         float32 array `(batch, steps, rows, cols)`; `layers="all"` inserts a layers axis and `heads="all"` a
@@ -70,11 +80,13 @@ def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, he
         >>> attention_maps(trace, Grid(7, 7, prefix=1), heads="all", layers="all").shape
         (2, 5, 2, 4, 7, 7)
     """
-    if not isinstance(grid, (Grid, Regions)):
-        raise GridError(f"grid must be an attnhook Grid or Regions, got {type(grid).__name__}. Build one with "
+    if not isinstance(grid, (Grid, Regions, Views)):
+        raise GridError(f"grid must be an attnhook Grid, Regions or Views, got {type(grid).__name__}. Build one with "
                         "Grid(rows, cols, prefix=...) or attnhook.infer_grid(...) (boxes= for region features).")
     if queries is not None:
         return _composed(trace, grid, site, sequence, heads, layers, queries, query_sequence)
+    if isinstance(grid, Views):
+        return _views_maps(trace, grid, site, sequence, heads, layers, image_size, per_view)
     sites = _pick_sites(trace, site, layers)
     per_site = []
     for s in sites:
@@ -93,6 +105,49 @@ def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, he
     stacked = torch.stack(per_site, dim=2)                        # (batch, steps, layers, ...)
     out = stacked if layers == "all" else stacked.mean(dim=2)
     return out.numpy()
+
+
+def _views_maps(trace, views: Views, site, sequence, heads, layers, image_size, per_view):
+    """Each view's cells from the rows; composed on the original pixels unless `per_view`."""
+    if heads == "all" and not per_view:
+        raise SelectionError("With Views, heads must be 'mean', 'max' or an int (or pass per_view=True).")
+    if not per_view:
+        if image_size is None:
+            raise GridError("Composing Views needs image_size=(H, W) of the original image.")
+        height, width = _size_of(image_size)
+        if height * width > 1 << 26:
+            raise GridError(f"image_size {height} x {width} is too large to compose maps on (at most 2**26 pixels).")
+    sites = _pick_sites(trace, site, layers)
+    per_site = []
+    for s in sites:
+        w = trace.weights(s, sequence).float()
+        if s.kind == "self":
+            w = _image_columns(w, trace.meta, s.name)
+        if w.shape[-1] != views.keys:
+            raise GridError(f"Site {s.name!r} has {w.shape[-1]} keys, but the views lay out {views.describe()}.")
+        w = _reduce_heads(w, heads, s)
+        parts = [w[..., at:at + v.keys][..., v.index()] for at, v in zip(views.offsets(), views.views)]
+        if per_view:
+            per_site.append(parts)
+            continue
+        per_site.append(sum(_spread(p, v, height, width) for p, v in zip(parts, views.views)))
+    if per_view:
+        out = [torch.stack([p[i] for p in per_site], dim=2) for i in range(len(views.views))]
+        return [(o if layers == "all" else o.mean(dim=2)).numpy() for o in out]
+    stacked = torch.stack(per_site, dim=2)
+    return (stacked if layers == "all" else stacked.mean(dim=2)).numpy()
+
+
+def _spread(cells: torch.Tensor, grid: Grid, height: int, width: int) -> torch.Tensor:
+    """`(..., rows, cols)` cell weights -> `(..., height, width)`: each pixel whose centre lies in a cell gets the
+    cell's weight divided by the cell's area in original pixels."""
+    x0, y0, x1, y1 = grid.box if grid.box is not None else (0.0, 0.0, float(width), float(height))
+    ch, cw = (y1 - y0) / grid.rows, (x1 - x0) / grid.cols
+    col = torch.floor((torch.arange(width) + 0.5 - x0) / cw).long()
+    row = torch.floor((torch.arange(height) + 0.5 - y0) / ch).long()
+    col_ok, row_ok = (col >= 0) & (col < grid.cols), (row >= 0) & (row < grid.rows)
+    picked = cells[..., row.clamp(0, grid.rows - 1)[:, None], col.clamp(0, grid.cols - 1)[None, :]]
+    return picked * (row_ok[:, None] & col_ok[None, :]) / (ch * cw)
 
 
 def _composed(trace, grid, site, sequence, heads, layers, queries, query_sequence) -> np.ndarray:

@@ -141,3 +141,35 @@ def test_learned_queries_compose_with_their_patch_maps_in_closed_form():
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
     with pytest.raises(SelectionError, match="queries"):
         attention_maps(trace, Grid(4, 4, prefix=1), site="lm.*", queries="qformer.*", heads="all")
+
+
+# --- views ----------------------------------------------------------------------------------------------------
+def test_views_compose_on_the_original_pixels_and_add_up_where_they_overlap():
+    """A base view of 2 x 2 cells over a 32 x 48 image and a tile of 2 x 2 cells over its left half, as one run
+    of 8 keys (plus a prefix key); the closed-form decoder looks at one key per step."""
+    from attnhook.grid import Views
+
+    views = Views([Grid(2, 2), Grid(2, 2, box=(0, 0, 24, 32))], prefix=1)
+    memory = torch.zeros(2, 9, D)
+    memory[:, 1:] = STRENGTH * torch.eye(D)[:8]
+    looks = [[1, 5, 8], [2, 6, 7]]
+    tgt = torch.stack([torch.eye(D)[row] for row in looks])
+    decoder = looking_decoder()
+    with ah.record(decoder, sites="cross") as trace:
+        decoder(tgt, memory)
+    got = attention_maps(trace, views, image_size=(32, 48), site="layers.0.multihead_attn")
+    w = expected(tgt, memory, 0).mean(dim=2).numpy()                    # (batch, steps, keys)
+    want = np.zeros((2, 3, 32, 48), np.float32)                         # by hand, pixel by pixel
+    for y in range(32):
+        for x in range(48):
+            base = 1 + (y // 16) * 2 + x // 24                          # base cells: 16 x 24 px
+            want[:, :, y, x] += w[:, :, base] / (16 * 24)
+            if x < 24:
+                want[:, :, y, x] += w[:, :, 5 + (y // 16) * 2 + x // 12] / (16 * 12)   # tile cells: 16 x 12 px
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(got.sum(axis=(-2, -1)), w[..., 1:].sum(-1), rtol=1e-5)  # the views' mass
+    base, tile = attention_maps(trace, views, site="layers.0.multihead_attn", per_view=True)
+    np.testing.assert_allclose(tile.reshape(2, 3, 4), w[..., 5:9], atol=1e-6)
+    assert base.shape == (2, 3, 2, 2)
+    with pytest.raises(GridError, match="image_size"):
+        attention_maps(trace, views)

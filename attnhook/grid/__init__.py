@@ -27,7 +27,7 @@ from .evidence import infer_grid
 from .explain import explain
 from .families import MODELS, TOWERS, image_token_id, image_token_ids
 from .geometry import Preprocess, preprocess_box
-from .layout import Grid, Regions
+from .layout import Grid, Regions, Views
 
-__all__ = ["Grid", "MODELS", "Preprocess", "Regions", "TOWERS", "USUAL_PREFIXES", "explain", "image_token_id",
+__all__ = ["Grid", "MODELS", "Preprocess", "Regions", "TOWERS", "USUAL_PREFIXES", "Views", "explain", "image_token_id",
            "image_token_ids", "infer_grid", "preprocess_box"]

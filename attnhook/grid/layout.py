@@ -344,3 +344,54 @@ class Regions:
             if name in data and (not isinstance(data[name], str) or len(data[name]) > _TEXT_LIMIT):
                 raise GridError(f"Saved regions' {name} must be a string of at most {_TEXT_LIMIT} characters.")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Views:
+    """Several views of one image in one run of keys (a base view plus tiles, split images, crops), each a `Grid`
+    placed on the original image by its `box` (None: the whole image).
+
+    keys = prefix + the keys of each view in order (each with its own prefix, suffix and row separators) + suffix.
+    `attention_maps(trace, views, image_size=...)` composes the views into one map on the original pixels.
+
+    Example:
+        >>> views = Views([Grid(2, 2), Grid(2, 2, box=(0, 0, 50, 100), suffix=1)], prefix=1)
+        >>> views.keys, views.offsets()
+        (10, [1, 5])
+    """
+
+    views: tuple
+    prefix: int = 0
+    suffix: int = 0
+    rule: str = "given"
+
+    def __post_init__(self):
+        views = tuple(self.views) if isinstance(self.views, (tuple, list)) else ()
+        if not views or len(views) > 1024 or not all(isinstance(v, Grid) for v in views):
+            raise GridError(f"Views.views must be a non-empty list of Grid (one per view, with its box), got "
+                            f"{_short(self.views)}.")
+        object.__setattr__(self, "views", views)
+        for name in ("prefix", "suffix"):
+            _check_count(getattr(self, name), f"Views.{name}", minimum=0)
+        if not isinstance(self.rule, str):
+            raise GridError(f"Views.rule must be a str, got {_short(self.rule)}.")
+
+    @property
+    def keys(self) -> int:
+        """Number of keys this layout accounts for."""
+        return self.prefix + sum(v.keys for v in self.views) + self.suffix
+
+    def offsets(self) -> list[int]:
+        """The first key of each view."""
+        out, at = [], self.prefix
+        for v in self.views:
+            out.append(at)
+            at += v.keys
+        return out
+
+    def describe(self) -> str:
+        """The key count decomposed in words."""
+        parts = [f"{self.prefix} prefix"] if self.prefix else []
+        parts += [f"view {i} ({v.describe()})" for i, v in enumerate(self.views)]
+        parts += [f"{self.suffix} suffix"] if self.suffix else []
+        return f"{self.keys} = " + " + ".join(parts)
