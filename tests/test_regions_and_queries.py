@@ -173,3 +173,27 @@ def test_views_compose_on_the_original_pixels_and_add_up_where_they_overlap():
     assert base.shape == (2, 3, 2, 2)
     with pytest.raises(GridError, match="image_size"):
         attention_maps(trace, views)
+
+
+def test_blip2_language_model_maps_composed_through_the_qformer():
+    """A tiny random BLIP-2: the language model's self-attention over its 4 query tokens, composed with the
+    Q-Former's cross-attention of those queries to the 1 CLS + 4 x 4 vision tokens."""
+    pytest.importorskip("transformers")
+    from test_hf_matrix import blip2
+
+    case = blip2()
+    grid = infer_grid(17, model=case.model)                      # the Q-Former cross-attention keys
+    assert (grid.prefix, grid.rows, grid.cols) == (1, 4, 4)
+    with ah.record(case.model, sites=["qformer.*crossattention", "language_model.*"]) as trace:
+        case.model.generate(**case.inputs, max_new_tokens=3, do_sample=False)
+    got = attention_maps(trace, grid, site="language_model.*", queries="qformer.*crossattention")
+    qsites = [s for s in trace.sites if "crossattention" in s.name]
+    lsites = [s for s in trace.sites if s.name.startswith("language_model")]
+    qmap = torch.stack([trace.weights(s)[..., 1:].float().mean(2) for s in qsites]).mean(0)         # (1, 4, 16)
+    lm = torch.stack([trace.weights(s)[..., :4].float().mean(2) for s in lsites]).mean(0)           # (1, steps, 4)
+    want = torch.einsum("btq,bqk->btk", lm, qmap).reshape(1, -1, 4, 4)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
+    with pytest.raises(GridError, match="learned queries"):
+        attention_maps(trace, grid, site="language_model.*")     # without the Q-Former: refused, saying why
+    with pytest.raises(GridError, match="learned queries"):
+        infer_grid(4, model=case.model)
