@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import GridError, RenderError, SelectionError
-from .grid import Grid
+from .grid import Grid, Regions, Views
 from .trace import Site, Trace, select
 
 #: Default Gaussian sigma, in grid cells. Show, Attend and Tell smoothed with about 1.25 cells
@@ -24,13 +24,15 @@ SIGMA = 0.5
 
 
 def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, heads="mean",
-                   layers="mean", calls="mean") -> np.ndarray:
+                   layers="mean", calls="mean", queries=None, query_sequence: int = 0, image_size=None,
+                   per_view: bool = False) -> np.ndarray:
     """Maps on the image grid for every step of one sequence, `(batch, steps, rows, cols)`.
 
     Args:
         trace: a `Trace` from `attnhook.record()` or `attnhook.load()`.
-        grid: where the keys lie on the image (`Grid`, e.g. from `infer_grid()`): its prefix and suffix keys
-            are dropped, the rest reshaped row-major. When `trace.meta["image_keys"]` is present (decoder-only
+        grid: where the keys lie on the image (`Grid`, e.g. from `infer_grid()`): its prefix, suffix and
+            separator keys are dropped, the rest reshaped row-major. Or `Regions` (detected boxes): the result
+            is then one weight per region, `(batch, steps, regions)`; `paint_regions()` puts it on the pixels. When `trace.meta["image_keys"]` is present (decoder-only
             models that put image tokens inline: one sorted list of key indices per batch row), those columns
             are gathered first and the grid applies to them.
         site: which sites: None picks every cross-attention site (and, when the trace has no cross-attention
@@ -44,6 +46,22 @@ def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, he
         layers: `"mean"` over the chosen sites, `"all"` to keep a layers axis (one entry per chosen site, in
             `trace.sites` order), or an int or list of ints: those layer indices of each stack (negative from
             the end), averaged.
+        queries: for models whose image tokens are learned queries (BLIP-2's Q-Former, a resampler): the sites
+            where the queries attend to the patches (a name, glob or list, e.g. `"qformer.*crossattention*"`).
+            The result is then a *composition*: the language model's weights over the queries times each query's
+            map over the patches (heads and layers of the query sites averaged), `sum_q lm[b, t, q] *
+            query_map[b, q]`. It says where the queries the model attended to had looked, not an exact
+            attribution through the query network. `grid` is then the layout of the query sites' keys.
+        query_sequence: which recorded sequence of the query sites (the pass that computed the queries).
+        image_size: `(H, W)` of the original image; needed when `grid` is `Views`.
+        per_view: with `Views`, return a list with one `(batch, steps, rows, cols)` map per view instead of the
+            composed one.
+
+    With `Views` (several views of one image: a base view and tiles, crops) the result is one map per step on
+    the original pixels, `(batch, steps, H, W)`: heads are reduced first, then each view's cell weights are
+    spread evenly over the cell's pixels (weight / cell area: attention per pixel), cells outside the image
+    dropped, and the views *add up* where they overlap. Summed over the pixels the map is the attention mass
+    the views' cells inside the image received.
 
     Returns:
         float32 array `(batch, steps, rows, cols)`; `layers="all"` inserts a layers axis and `heads="all"` a
@@ -64,9 +82,17 @@ def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, he
         >>> attention_maps(trace, Grid(7, 7, prefix=1), heads="all", layers="all").shape
         (2, 5, 2, 4, 7, 7)
     """
-    if not isinstance(grid, Grid):
-        raise GridError(f"grid must be an attnhook Grid, got {type(grid).__name__}. Build one with "
-                        "Grid(rows, cols, prefix=...) or attnhook.infer_grid(...).")
+    if not isinstance(grid, (Grid, Regions, Views)):
+        raise GridError(f"grid must be an attnhook Grid, Regions or Views, got {type(grid).__name__}. Build one with "
+                        "Grid(rows, cols, prefix=...) or attnhook.infer_grid(...) (boxes= for region features).")
+    if queries is not None:
+        from ._compose import _composed
+
+        return _composed(trace, grid, site, sequence, heads, layers, queries, query_sequence)
+    if isinstance(grid, Views):
+        from ._compose import _views_maps
+
+        return _views_maps(trace, grid, site, sequence, heads, layers, image_size, per_view)
     sites = _pick_sites(trace, site, layers)
     per_site = []
     for s in sites:
@@ -174,6 +200,9 @@ def upsample(maps, grid: Grid | None, image_size, *, sigma: float = SIGMA) -> np
         (2, 5, 480, 640)
     """
     maps = _as_maps(maps)
+    if isinstance(grid, Regions):
+        raise RenderError("Region weights are not a grid to upsample: paint them with paint_regions(weights, "
+                          "regions, image_size).")
     if grid is None:
         grid = Grid(*maps.shape[-2:])
     if maps.shape[-2:] != (grid.rows, grid.cols):
@@ -193,6 +222,97 @@ def upsample(maps, grid: Grid | None, image_size, *, sigma: float = SIGMA) -> np
     flat = torch.from_numpy(np.ascontiguousarray(maps.reshape(-1, grid.rows, grid.cols), dtype=np.float32))
     out = torch.matmul(torch.matmul(ay, flat), ax.T)
     return out.numpy().reshape(*lead, height, width)
+
+
+def paint_regions(weights, regions: Regions, image_size, *, overlap: str = "max", source_size=None) -> np.ndarray:
+    """Per-region weights painted onto image pixels, `(..., regions)` -> `(..., height, width)`.
+
+    A pixel belongs to a region when its centre lies inside the box (`x0 <= x + 0.5 < x1`, the same for y);
+    boxes are clipped to the image. Where boxes overlap, `overlap` says how their weights combine: `"max"` (the
+    default: a pixel shows the strongest region over it, so a large weak box never hides a small strong one)
+    or `"sum"` (the attention mass over each pixel, as if the regions' weights added up). Pixels under no box
+    get 0.
+
+    Args:
+        weights: `(..., regions)` array or tensor, e.g. `attention_maps(trace, regions)[0]`.
+        regions: the `Regions` layout the weights belong to (its boxes, in original-image pixels).
+        image_size: `(height, width)` of the output, or the image itself.
+        overlap: `"max"` or `"sum"`.
+        source_size: `(height, width)` of the image the boxes are in, when the output has another size (a
+            GIF frame, a thumbnail): the boxes are scaled to the output.
+
+    Example:
+        >>> import numpy as np
+        >>> from attnhook.grid import Regions
+        >>> regions = Regions([(0, 0, 2, 2), (1, 1, 4, 3)])
+        >>> paint_regions(np.array([0.2, 0.7]), regions, (3, 4))
+        array([[0.2, 0.2, 0. , 0. ],
+               [0.2, 0.7, 0.7, 0.7],
+               [0. , 0.7, 0.7, 0.7]], dtype=float32)
+    """
+    if not isinstance(regions, Regions):
+        raise RenderError(f"regions must be an attnhook Regions layout, got {type(regions).__name__}.")
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().float().numpy()
+    try:
+        w = np.asarray(weights, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise RenderError(f"weights must be a numeric array (..., regions), got {type(weights).__name__}.") from None
+    if w.ndim < 1 or not np.isfinite(w).all():
+        raise RenderError(f"weights must be finite, with a regions axis last; got shape {w.shape}.")
+    if w.shape[-1] != len(regions.boxes):
+        raise RenderError(f"weights of shape {w.shape} do not fit {len(regions.boxes)} regions: their last axis "
+                          "must be one weight per region, as attention_maps(trace, regions) returns.")
+    if overlap not in ("max", "sum"):
+        raise RenderError(f"overlap must be 'max' or 'sum', got {overlap!r}.")
+    height, width = _size_of(image_size)
+    boxes = regions.boxes
+    if source_size is not None:
+        sh, sw = _size_of(source_size)
+        boxes = [(x0 * width / sw, y0 * height / sh, x1 * width / sw, y1 * height / sh) for x0, y0, x1, y1 in boxes]
+    out = np.zeros(w.shape[:-1] + (height, width), np.float32)
+    for r, (c0, r0, c1, r1) in enumerate(_pixel_spans(boxes, height, width)):
+        if c1 <= c0 or r1 <= r0:
+            continue
+        patch = out[..., r0:r1, c0:c1]
+        value = w[..., r, None, None]
+        out[..., r0:r1, c0:c1] = np.maximum(patch, value) if overlap == "max" else patch + value
+    return out
+
+
+def region_outlines(regions: Regions, image_size, *, width: int = 1) -> np.ndarray:
+    """The boxes' outlines as a `(height, width)` bool mask (True on the outline pixels), for renderers to draw over
+    the painted weights; the same pixel rule and clipping as `paint_regions()`.
+
+    Example:
+        >>> from attnhook.grid import Regions
+        >>> region_outlines(Regions([(0, 0, 3, 3)]), (4, 4)).astype(int)
+        array([[1, 1, 1, 0],
+               [1, 0, 1, 0],
+               [1, 1, 1, 0],
+               [0, 0, 0, 0]])
+    """
+    if not isinstance(regions, Regions):
+        raise RenderError(f"regions must be an attnhook Regions layout, got {type(regions).__name__}.")
+    if not (isinstance(width, (int, np.integer)) and not isinstance(width, bool) and 1 <= width <= 64):
+        raise RenderError(f"width must be an int from 1 to 64 pixels, got {width!r}.")
+    height, wide = _size_of(image_size)
+    mask = np.zeros((height, wide), bool)
+    for c0, r0, c1, r1 in _pixel_spans(regions.boxes, height, wide):
+        if c1 <= c0 or r1 <= r0:
+            continue
+        inner = np.zeros((r1 - r0, c1 - c0), bool)
+        inner[width:-width or None, width:-width or None] = True
+        mask[r0:r1, c0:c1] |= ~inner
+    return mask
+
+
+def _pixel_spans(boxes, height: int, width: int):
+    """(col0, row0, col1, row1) pixel index ranges of each box: pixels whose centre lies inside, clipped."""
+    for x0, y0, x1, y1 in boxes:
+        c0, c1 = (int(np.clip(np.ceil(v - 0.5), 0, width)) for v in (x0, x1))
+        r0, r1 = (int(np.clip(np.ceil(v - 0.5), 0, height)) for v in (y0, y1))
+        yield c0, r0, c1, r1
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -331,8 +451,9 @@ def _image_columns(w: torch.Tensor, meta: dict, name: str) -> torch.Tensor:
     return torch.gather(w, -1, index)
 
 
-def _on_grid(w: torch.Tensor, grid: Grid, name: str) -> torch.Tensor:
-    """`(..., keys)` -> `(..., rows, cols)`: the grid's cells, tiles and all (`Grid.index()`)."""
+def _on_grid(w: torch.Tensor, grid, name: str) -> torch.Tensor:
+    """`(..., keys)` -> `(..., rows, cols)`: the grid's cells, tiles and all (`Grid.index()`); for `Regions`
+    `(..., regions)`."""
     keys = w.shape[-1]
     if keys != grid.keys:
         raise GridError(

@@ -237,7 +237,7 @@ def _to_json(value, where: str):
     from .grid import Grid
 
     if isinstance(value, Grid):
-        return {"__grid__": _to_json(asdict(value), where)}
+        return {"__grid__": value.to_json()}
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise TraceFileError(f"{where} has a non-string key; trace metadata must be JSON (string keys).")
@@ -260,8 +260,8 @@ def _from_json(value):
         if set(value) == {"__grid__"} and isinstance(value["__grid__"], dict):
             g = value["__grid__"]
             try:
-                return Grid(**{k: tuple(v) if k == "box" and isinstance(v, list) else v for k, v in g.items()})
-            except (TypeError, AttnHookError) as e:
+                return Grid.from_json(g)
+            except AttnHookError as e:
                 raise TraceFileError(f"the grid in the trace metadata is not valid ({e}).") from None
         return {k: _from_json(v) for k, v in value.items()}
     if isinstance(value, list):

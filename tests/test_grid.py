@@ -84,9 +84,13 @@ def test_common_layouts_are_recovered_from_the_image_size(prefix, size, patch):
 
 
 def test_without_image_size_a_square_grid_is_assumed_and_said():
-    g = infer_grid(197)
-    assert layout(g) == (1, 14, 14, 0)
+    g = infer_grid(196)
+    assert layout(g) == (0, 14, 14, 0)
     assert g.rule.startswith("square")
+    with pytest.raises(AmbiguousGrid, match="nothing supports") as info:  # nothing says the 197th key is a CLS
+        infer_grid(197)
+    assert [layout(c) for c in info.value.candidates] == [(1, 14, 14, 0)]
+    assert layout(infer_grid(197, prefix=1)) == (1, 14, 14, 0)
 
 
 def test_weights_tensor_stands_for_its_key_count():

@@ -294,7 +294,8 @@ class _Recording:
         self.models: list | None = None
         self.words = _word_embeddings(self.model)
         config = getattr(self.model, "config", None)
-        self.image_token = _first_int(config, ("image_token_id", "image_token_index"))
+        from ..grid import image_token_id  # the family table: top level and sub-configs, image then video ids
+        self.image_token = image_token_id(config)
         self.learned_queries = any(getattr(config, a, None) for a in ("num_query_tokens", "latent_query_num",
                                                                       "perceiver_config"))
 
