@@ -87,8 +87,8 @@ def test_outlines_and_rendering_of_region_maps(region_trace):
     assert outline[0, 0] and outline[0, 39] and not outline[15, 10] and outline[63, 95] and not outline[25, 80]
     image = np.full((64, 96, 3), 0.5)
     px = paint_regions(attention_maps(trace, regions, site="layers.0.multihead_attn")[0], regions, image.shape[:2])
-    fig = ah.plot_words(image, ["a", "b", "c", "d"], px)                    # pixel maps: used as they are
-    assert len(fig.axes) == 4
+    fig = ah.plot_words(image, ["a", "b", "c", "d"], px, normalize="max")  # pixel maps, not mass per cell
+    assert len(fig.axes) == 5  # four words and the colorbar
     y, x = np.unravel_index(px[1].argmax(), px[1].shape)                   # step 1 of row 0 looks at region 4
     x0, y0, x1, y1 = BOXES[4]
     assert x0 <= x + 0.5 < x1 and y0 <= y + 0.5 < y1
