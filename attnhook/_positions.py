@@ -154,8 +154,9 @@ class Tracker:
         st = self.sites.setdefault(e.site, _Site())
         if e.kind == "cross" and e.site not in self.seen:
             self.seen.add(e.site)
-            if self.clock is None:
-                self.leading.add(e.site)  # called before any self-attention of its pass (Idefics' gated layers)
+            c = self.clock
+            if c is None or (c.batch, c.queries) != (e.batch, e.queries):
+                self.leading.add(e.site)  # no self-attention of its pass before it (Idefics' gated layers)
         again = self._same_pass(st, e)
         if again is not None:
             return again

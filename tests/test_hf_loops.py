@@ -104,3 +104,42 @@ def test_beams_without_a_cache_are_followed_to_the_eager_attentions():
         eager = model(**{k: v[:1] for k, v in inputs.items()}, decoder_input_ids=seq[None, :n],
                       output_attentions=True).cross_attentions[1]  # (1, heads, n, keys)
         torch.testing.assert_close(w[i, :n], eager[0].transpose(0, 1), rtol=1e-6, atol=1e-8)
+
+
+def idefics():
+    torch.manual_seed(0)
+    config = transformers.IdeficsConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        cross_layer_interval=1, max_position_embeddings=64, additional_vocab_size=2, use_resampler=False,
+        vision_config={"embed_dim": 32, "image_size": 32, "patch_size": 8, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "intermediate_size": 37},
+        perceiver_config={"use_resampler": False}, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.IdeficsForVisionText2Text(config).eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 1, 3, 32, 32),
+              "image_attention_mask": torch.ones(1, 4, 1, dtype=torch.long)}
+    return model, inputs
+
+
+def test_idefics_gated_cross_attention_first_and_its_vision_tower_inside_the_token_model():
+    model, inputs = idefics()
+    ref = model.generate(**inputs, **GREEDY)
+    with ah.record(model) as trace:
+        out = model.generate(**inputs, **GREEDY)
+    assert torch.equal(out, ref) and trace.sequences == 1 and not trace.notes
+    prompt, steps = inputs["input_ids"].shape[1], out.shape[1] - inputs["input_ids"].shape[1]
+    vision = "model.vision_model.encoder.layers.0.self_attn"
+    assert trace.positions(vision).tolist() == list(range(17))  # 16 patches + CLS: never trimmed to token rows
+    for layer in (0, 1):  # the gated cross-attention runs before the layer's self-attention
+        assert trace.positions(f"model.gated_cross_attn_layers.{layer}.cross_attn").tolist() == list(
+            range(prompt + steps - 1))
+        assert trace.positions(f"model.layers.{layer}.self_attn").tolist() == list(
+            range(prompt - 1, prompt + steps - 1))
+    model.set_attn_implementation("eager")
+    full = {**inputs, "input_ids": out[:, :-1], "attention_mask": torch.ones_like(out[:, :-1]),
+            "image_attention_mask": torch.ones(1, out.shape[1] - 1, 1, dtype=torch.long)}
+    eager = model(**full, output_attentions=True).attentions[1][0]  # (heads, n, n)
+    w = trace.weights("model.layers.1.self_attn")[0]
+    for t in range(steps):
+        p = prompt - 1 + t
+        torch.testing.assert_close(w[t, :, : p + 1], eager[:, p, : p + 1], rtol=1e-4, atol=1e-5)

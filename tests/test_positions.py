@@ -85,6 +85,11 @@ CASES = {
     "O watched self": (
         [S(1, 1, recorded=False), X(1), S(2, 2, recorded=False), X(2), S(1, 1, recorded=False), X(1)],
         [(0, 0, 0, 1, 0), (0, 1, 1, 2, 0), (1, 0, 0, 1, 0)]),
+    # P: a vision encoder's self-attention ran first (other sizes): the cross site still runs before the
+    # text self-attention of its pass, and is not placed on the text's previous position
+    "P cross first after a vision encoder": (
+        [Event("v", "self", 1, 17, 17), X(4, 17), S(1, 4, start=3), X(1, 17), S(1, 5, start=4)],
+        [(0, 0, 0, 17, 0), (0, 0, 0, 4, 0), (0, 3, 0, 1, 0), (0, 4, 0, 1, 0), (0, 4, 0, 1, 0)]),
 }
 
 
