@@ -45,6 +45,14 @@ def as_rows(spec, name: str, weights, first: bool, training: bool) -> torch.Tens
     return weights
 
 
+def dtype_of(call) -> torch.dtype:
+    """The floating dtype the call computes in: its first floating tensor argument's."""
+    for a in (*call.args, *call.kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.dtype
+    return torch.float32
+
+
 def fingerprint(t: torch.Tensor) -> tuple:
     """One small tuple per batch row that tells one image's keys from another's (beams only copy rows)."""
     flat = t.detach().reshape(t.shape[0], -1).float()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import _calls
-from ._hooks import MHA_FASTPATH_OFF, Undo, claim, hook
+from ._hooks import Undo, claim, hook
 from ._positions import Event, Placement, Tracker
 from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SpecError
 from .registry import KINDS, Call, lookup, specs
@@ -180,7 +180,6 @@ class record:
         self._undo.push(claim(self.model))
         self._thread = threading.get_ident()
         try:
-            self._undo.push(MHA_FASTPATH_OFF.hold())
             for name in list(self.selected) + list(self.watched):
                 module = self.model.get_submodule(name)
                 spec = lookup(module)
@@ -284,9 +283,12 @@ class record:
             return None  # selected only after this call began (kind resolved late): nothing was forced
         call = stack.pop()
         call.output = output
-        first = name not in self._checked
-        self._checked.add(name)
-        weights = _calls.as_rows(spec, name, spec.read(call), first, module.training)
+        if spec.rows is not None and spec.shape is not None:
+            weights = _Beside(spec, name, call, self)  # computed beside the call, only for the rows kept
+        else:
+            first = name not in self._checked
+            self._checked.add(name)
+            weights = _calls.as_rows(spec, name, spec.read(call), first, module.training)
         with self._lock:
             self._place(name, self._event(name, call, weights), weights)
         if spec.force is not None and spec.restore is not None:
@@ -399,6 +401,32 @@ class record:
             raise RecordingError(message)
         warnings.warn(message, AttnHookWarning, stacklevel=2)
         return False
+
+
+class _Beside:
+    """The weights of one call, computed by the spec's `rows()` only for the query rows asked for.
+
+    Indexed like the `(batch, heads, queries, keys)` tensor it stands for, along the queries only."""
+
+    def __init__(self, spec, name: str, call: Call, recorder: "record"):
+        self.spec, self.name, self.call, self.recorder = spec, name, call, recorder
+        self.shape = torch.Size(spec.shape(call))
+        self.dtype = _calls.dtype_of(call)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = index[2] if isinstance(index, tuple) and len(index) == 3 else None
+        if isinstance(rows, int):
+            return self._compute(rows, rows + 1)[:, :, 0]
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            lo, hi, _ = rows.indices(self.shape[2])
+            return self._compute(lo, max(lo, hi))
+        raise TypeError(f"weights computed beside the call take [:, :, rows], got {index!r}")
+
+    def _compute(self, lo: int, hi: int) -> torch.Tensor:
+        weights = self.spec.rows(self.call, lo, hi)
+        first = self.name not in self.recorder._checked
+        self.recorder._checked.add(self.name)
+        return _calls.as_rows(self.spec, self.name, weights, first, False)
 
 
 def _step_modules(model: nn.Module, step) -> list[nn.Module]:

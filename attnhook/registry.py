@@ -67,6 +67,10 @@ class AttentionSpec:
         memory: `memory(call) -> Tensor | None`, what the queries attend over, `(batch, keys, ...)`: when no
             self-attention marks where a run starts, keys of another image start a new run. Without
             `query`/`memory`, the first tensor argument shaped like the queries / the keys is used.
+        rows: `rows(call, lo, hi) -> Tensor`, the weights of query rows `lo:hi` only, `(batch, heads, hi - lo,
+            keys)`, computed beside the module's own call (which then runs untouched: no `force`). With
+            `shape(call) -> (batch, heads, queries, keys)`, attnhook computes only the rows it keeps.
+        shape: see `rows`.
         prepare: `prepare(session) -> undo`, run once per spec when recording begins, with `session.model`,
             `session.modules` (the selected modules this spec matched), `session.trace` and `session.step()`
             (call it at each step boundary the library knows); `undo()` runs on exit, after an exception
@@ -104,6 +108,8 @@ class AttentionSpec:
     valid: Callable[[Call], int | None] | None = None
     query: Callable[[Call], torch.Tensor | None] | None = None
     memory: Callable[[Call], torch.Tensor | None] | None = None
+    rows: Callable[[Call, int, int], torch.Tensor] | None = None
+    shape: Callable[[Call], tuple[int, int, int, int]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -117,7 +123,8 @@ class AttentionSpec:
                 )
         if not callable(self.read):
             raise SpecError(f"AttentionSpec {self.name!r}: read must be callable, got {self.read!r}.")
-        for fname in ("force", "restore", "heads", "lengths", "start", "prepare", "valid", "query", "memory"):
+        for fname in ("force", "restore", "heads", "lengths", "start", "prepare", "valid", "query", "memory", "rows",
+                      "shape"):
             value = getattr(self, fname)
             if value is not None and not callable(value):
                 raise SpecError(f"AttentionSpec {self.name!r}: {fname} must be callable or None, got {value!r}.")

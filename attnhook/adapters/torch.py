@@ -1,8 +1,17 @@
-"""torch.nn.MultiheadAttention: force per-head weights, hand the caller exactly what it asked for."""
+"""torch.nn.MultiheadAttention: per-head weights computed beside the module's own call.
+
+The module runs exactly as the caller asked (its own kernel: the native fast path, or
+`F.multi_head_attention_forward` with scaled-dot-product attention when no weights are asked for); nothing
+is forced, so outputs, the random stream of dropout and the caller's hooks are untouched. The weights are
+computed on the side, from the module's own parameters and the call's own query, key, masks, only for the
+query rows the trace keeps, without dropout (the probabilities, in train mode too).
+"""
 
 from __future__ import annotations
 
 import inspect
+
+import torch.nn.functional as F
 
 import torch
 from torch import nn
@@ -15,29 +24,6 @@ _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 def _bind(call: Call) -> inspect.BoundArguments:
     # Callers pass need_weights by keyword or positionally; binding to the signature handles both.
     return _SIGNATURE.bind(call.module, *call.args, **call.kwargs)
-
-
-def _force(call: Call) -> None:
-    bound = _bind(call)
-    call.state["need_weights"] = bound.arguments.get("need_weights", True)
-    call.state["average"] = bound.arguments.get("average_attn_weights", True)
-    bound.arguments["need_weights"] = True
-    bound.arguments["average_attn_weights"] = False
-    call.args, call.kwargs = bound.args[1:], bound.kwargs
-
-
-def _read(call: Call) -> torch.Tensor:
-    weights = call.output[1]  # (N, H, L, S) whatever batch_first is; (H, L, S) for unbatched input
-    return weights.unsqueeze(0) if weights is not None and weights.dim() == 3 else weights
-
-
-def _restore(call: Call):
-    out, weights = call.output
-    if not call.state["need_weights"]:
-        return out, None
-    if call.state["average"]:
-        return out, weights.mean(dim=-3)
-    return out, weights
 
 
 def _query_key(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +83,46 @@ def _valid(call: Call) -> int | None:
     return n
 
 
+def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
+    """Per-head weights `(batch, heads, hi - lo, keys)` of query rows `lo:hi`, as the module computed them."""
+    m = call.module
+    a = _bind(call).arguments
+    query, key, value = a["query"], a["key"], a["value"]
+    pad, mask = a.get("key_padding_mask"), a.get("attn_mask")
+    if query.dim() == 2:  # unbatched (L, E): one sequence-first batch of 1
+        query, key, value = query[:, None], key[:, None], value[:, None]
+        pad = pad[None] if pad is not None else None
+    elif m.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    if mask is not None:
+        mask = mask[..., lo:hi, :]
+    # as nn.MultiheadAttention does: float masks in the query's dtype, boolean ones as they are
+    mask, pad = (t.to(query.dtype) if t is not None and t.is_floating_point() else t for t in (mask, pad))
+    # is_causal is only a hint: with a mask the mask is what ran; without one the call ran the native fast
+    # path, which ignores it (the slow path refuses it), so no causal mask is applied here either
+    with torch.no_grad():
+        _, weights = F.multi_head_attention_forward(
+            query[lo:hi], key, value, m.embed_dim, m.num_heads, m.in_proj_weight, m.in_proj_bias, m.bias_k,
+            m.bias_v, m.add_zero_attn, 0.0, m.out_proj.weight, m.out_proj.bias, training=False,
+            key_padding_mask=pad, need_weights=True, attn_mask=mask, average_attn_weights=False, is_causal=False,
+            use_separate_proj_weight=not m._qkv_same_embed_dim, q_proj_weight=m.q_proj_weight,
+            k_proj_weight=m.k_proj_weight, v_proj_weight=m.v_proj_weight)
+    return weights
+
+
+def _shape(call: Call) -> tuple[int, int, int, int]:
+    """(batch, heads, queries, keys) of the weights the call computes (bias_k and a zero key add one each)."""
+    batch, queries, keys = _lengths(call)
+    m = call.module
+    return batch, m.num_heads, queries, keys + (m.bias_k is not None) + bool(m.add_zero_attn)
+
+
 MULTIHEAD_ATTENTION = AttentionSpec(
     name="torch.MultiheadAttention",
     match=nn.MultiheadAttention,
-    read=_read,
-    force=_force,
-    restore=_restore,
+    read=lambda call: _rows(call, 0, _lengths(call)[1]),
+    rows=_rows,
+    shape=_shape,
     kind=_kind,
     heads=lambda module: module.num_heads,
     lengths=_lengths,

@@ -1,0 +1,117 @@
+"""Recording changes nothing the model computes (issue 11, plain PyTorch): the module runs its own kernel, as
+its caller asked; the weights are computed beside it for the kept rows only.
+
+Bit-identical (`torch.equal`) outputs and logits in float32, float16 and bfloat16; the rows equal the module's
+own per-head weights; a training step with dropout gives the same loss and gradients inside record()."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import attnhook as ah
+from captioners import DetrStyleCaptioner, TransformerCaptioner, images, mha_weights
+from loops import Recorder, TemplateCaptioner
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _logits_of(model, x, dtype, record=False):
+    model = copy.deepcopy(model).to(dtype)
+    x = x.to(dtype)
+    if record:
+        with ah.record(model) as trace:
+            tokens, logits = model.greedy(x)
+        return tokens, logits, trace
+    tokens, logits = model.greedy(x)
+    return tokens, logits, None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("build", [TransformerCaptioner, DetrStyleCaptioner], ids=["stock", "detr"])
+def test_logits_are_bit_identical_and_rows_are_the_modules_own(dtype, build):
+    model, x = build(), images(seed=3)
+    tokens, logits, _ = _logits_of(model, x, dtype)
+    tokens2, logits2, trace = _logits_of(model, x, dtype, record=True)
+    assert torch.equal(tokens, tokens2) and torch.equal(logits, logits2)
+    sums = torch.stack([trace.weights(s).float().sum(-1).mean() for s in trace.sites])
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"need_weights": False}, {"average_attn_weights": False},
+                                    {"key_padding_mask": "pad"}, {"attn_mask": "mask"}], ids=str)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_every_call_form_returns_exactly_what_it_returned_before(kwargs, batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    kwargs = dict(kwargs)
+    if kwargs.get("key_padding_mask") == "pad":
+        kwargs["key_padding_mask"] = torch.tensor([[False] * 7, [False] * 5 + [True] * 2])
+    if kwargs.get("attn_mask") == "mask":
+        kwargs["attn_mask"] = torch.randn(3, 7)
+    before = mha(q, kv, kv, **kwargs)
+    with ah.record(mha) as trace:
+        after = mha(q, kv, kv, **kwargs)
+    assert torch.equal(before[0], after[0])
+    assert (before[1] is None) == (after[1] is None) and (before[1] is None or torch.equal(before[1], after[1]))
+    expected = mha_weights(mha, q, kv, kwargs.get("attn_mask"), kwargs.get("key_padding_mask"))
+    torch.testing.assert_close(trace.weights(trace.sites[0]), expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_kept_rows_are_computed(monkeypatch):
+    """A 24-slot template: the module computes 24 query rows per call; attnhook computes the one it keeps
+    (and one held row to compare, from the second step on)."""
+    model, x, steps = TemplateCaptioner(), images(1, (32, 32), seed=3), 4
+    computed = []
+    real = torch.nn.functional.multi_head_attention_forward
+
+    def counting(query, *args, **kwargs):  # a spy on torch's function: counts the query rows asked for
+        if kwargs.get("need_weights"):
+            computed.append(query.shape[0])
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "multi_head_attention_forward", counting)
+    with ah.record(model, sites="decoder.layers.1.multihead_attn") as trace:
+        model.caption(x, steps)
+    assert trace.weights(trace.sites[0]).shape[1] == steps
+    assert computed == [1] + [1, 1] * (steps - 1)
+
+
+def test_a_training_step_with_dropout_is_bit_identical_and_records_probabilities():
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+    decoder = nn.TransformerDecoder(layer, 2).train()
+    twin = copy.deepcopy(decoder)
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 9, 32)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+
+    def step(model, recorded):
+        torch.manual_seed(42)
+        if recorded:
+            with ah.record(model) as trace:
+                loss = model(x, memory, tgt_mask=causal, tgt_is_causal=True).square().mean()
+                loss.backward()
+        else:
+            trace = None
+            loss = model(x, memory, tgt_mask=causal, tgt_is_causal=True).square().mean()
+            loss.backward()
+        return loss, [p.grad for p in model.parameters()], trace
+
+    loss, grads, _ = step(decoder, False)
+    spy = Recorder(twin.layers[1].multihead_attn)  # a plain hook: the inputs the module really got
+    loss2, grads2, trace = step(twin, True)
+    spy.remove()
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    for site in trace.sites:  # probabilities before dropout
+        torch.testing.assert_close(trace.weights(site).sum(-1), torch.ones(2, 5, 4))
+    seen = spy.calls[0]
+    with torch.no_grad():
+        expected = mha_weights(twin.layers[1].multihead_attn, seen["query"], seen["key"]).transpose(1, 2)
+    torch.testing.assert_close(trace.weights("layers.1.multihead_attn"), expected, rtol=1e-5, atol=1e-6)
