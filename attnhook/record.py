@@ -423,10 +423,18 @@ class _Beside:
         raise TypeError(f"weights computed beside the call take [:, :, rows], got {index!r}")
 
     def _compute(self, lo: int, hi: int) -> torch.Tensor:
+        block = getattr(self, "_block", None)
+        if block is not None and block[0] <= lo and hi <= block[0] + block[1].shape[2]:
+            return block[1][:, :, lo - block[0]: hi - block[0]]
+        want = hi
+        if hi == lo + 1 and self.shape[2] - lo <= 8:
+            hi = self.shape[2]  # a held row to compare: the kept rows follow it, compute them in one go
         weights = self.spec.rows(self.call, lo, hi)
         first = self.name not in self.recorder._checked
         self.recorder._checked.add(self.name)
-        return _calls.as_rows(self.spec, self.name, weights, first, False)
+        weights = _calls.as_rows(self.spec, self.name, weights, first, False)
+        self._block = (lo, weights)
+        return weights[:, :, : want - lo]
 
 
 def _step_modules(model: nn.Module, step) -> list[nn.Module]:

@@ -10,6 +10,7 @@ query rows the trace keeps, without dropout (the probabilities, in train mode to
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch.nn.functional as F
 
@@ -22,8 +23,35 @@ _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
 def _bind(call: Call) -> inspect.BoundArguments:
-    # Callers pass need_weights by keyword or positionally; binding to the signature handles both.
-    return _SIGNATURE.bind(call.module, *call.args, **call.kwargs)
+    # Callers pass need_weights by keyword or positionally; binding to the signature handles both. Bound once
+    # per call: nothing here edits the call.
+    bound = call.state.get("bound")
+    if bound is None:
+        bound = call.state["bound"] = _SIGNATURE.bind(call.module, *call.args, **call.kwargs)
+    return bound
+
+
+# projected keys of the key tensors still alive: a cross-attention's image features are the same tensor at
+# every step of a run, so they are projected once (checked by identity, the tensor's version and the weight's;
+# an entry goes when its tensor is freed)
+_KEYS: dict[int, tuple] = {}
+
+
+def _project_keys(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # weight and bias may be slices of the packed projection: their versions are the parameters'
+    stamp = (key._version, id(m), weight._version, None if bias is None else bias._version, tuple(key.shape))
+    hit = _KEYS.get(id(key))
+    if hit is not None and hit[0]() is key and hit[1] == stamp:
+        return hit[2]
+    projected = F.linear(key, weight, bias)
+    ident = id(key)
+    try:
+        ref = weakref.ref(key, lambda r, ident=ident: _KEYS.pop(ident, None) if _KEYS.get(ident, (None,))[0] is r
+                          else None)
+    except TypeError:  # cannot be weakly referenced: no reuse
+        return projected
+    _KEYS[ident] = (ref, stamp, projected)
+    return projected
 
 
 def _query_key(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,30 +112,60 @@ def _valid(call: Call) -> int | None:
 
 
 def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
-    """Per-head weights `(batch, heads, hi - lo, keys)` of query rows `lo:hi`, as the module computed them."""
+    """Per-head weights `(batch, heads, hi - lo, keys)` of query rows `lo:hi`, as the module computed them:
+    softmax(q k^T / sqrt(d) + masks), as `F.multi_head_attention_forward` computes its weights, projecting only
+    those queries and the keys (no values, no output projection; the keys once per key tensor)."""
     m = call.module
     a = _bind(call).arguments
-    query, key, value = a["query"], a["key"], a["value"]
+    query, key = a["query"], a["key"]
     pad, mask = a.get("key_padding_mask"), a.get("attn_mask")
-    if query.dim() == 2:  # unbatched (L, E): one sequence-first batch of 1
-        query, key, value = query[:, None], key[:, None], value[:, None]
-        pad = pad[None] if pad is not None else None
-    elif m.batch_first:
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    if mask is not None:
-        mask = mask[..., lo:hi, :]
-    # as nn.MultiheadAttention does: float masks in the query's dtype, boolean ones as they are
-    mask, pad = (t.to(query.dtype) if t is not None and t.is_floating_point() else t for t in (mask, pad))
-    # is_causal is only a hint: with a mask the mask is what ran; without one the call ran the native fast
-    # path, which ignores it (the slow path refuses it), so no causal mask is applied here either
+    e, h = m.embed_dim, m.num_heads
+    d = e // h
+    if m._qkv_same_embed_dim:
+        wq, wk = m.in_proj_weight[:e], m.in_proj_weight[e: 2 * e]
+    else:
+        wq, wk = m.q_proj_weight, m.k_proj_weight
+    bq, bk = (None, None) if m.in_proj_bias is None else (m.in_proj_bias[:e], m.in_proj_bias[e: 2 * e])
     with torch.no_grad():
-        _, weights = F.multi_head_attention_forward(
-            query[lo:hi], key, value, m.embed_dim, m.num_heads, m.in_proj_weight, m.in_proj_bias, m.bias_k,
-            m.bias_v, m.add_zero_attn, 0.0, m.out_proj.weight, m.out_proj.bias, training=False,
-            key_padding_mask=pad, need_weights=True, attn_mask=mask, average_attn_weights=False, is_causal=False,
-            use_separate_proj_weight=not m._qkv_same_embed_dim, q_proj_weight=m.q_proj_weight,
-            k_proj_weight=m.k_proj_weight, v_proj_weight=m.v_proj_weight)
-    return weights
+        batched_first = query.dim() == 3 and m.batch_first
+        q = F.linear(query[:, lo:hi] if batched_first else query[lo:hi], wq, bq)
+        k = _project_keys(m, key, wk, bk)
+        if query.dim() == 2:  # unbatched (L, E): one sequence-first batch of 1
+            q, k = q[:, None], k[:, None]
+            pad = pad[None] if pad is not None else None
+        elif batched_first:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+        if mask is not None:
+            mask = mask[..., lo:hi, :]
+        # as nn.MultiheadAttention does: float masks in the query's dtype, boolean ones as they are
+        mask, pad = (t.to(query.dtype) if t is not None and t.is_floating_point() else t for t in (mask, pad))
+        # is_causal is only a hint: with a mask the mask is what ran; without one the call ran the native fast
+        # path, which ignores it (the slow path refuses it), so no causal mask is applied here either
+        return _scores(m, q, k, pad, mask, d)
+
+
+def _scores(m: nn.MultiheadAttention, q, k, pad, mask, d: int) -> torch.Tensor:
+    """Projected sequence-first `q (l, N, E)`, `k (S, N, E)` -> weights `(N, H, l, S')`."""
+    rows, batch, keys, h, e = q.shape[0], q.shape[1], k.shape[0], m.num_heads, m.embed_dim
+    extra = 0
+    if m.bias_k is not None:
+        k = torch.cat([k, m.bias_k.repeat(1, batch, 1)])
+        extra += 1
+    if m.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(1, batch, e)])
+        extra += 1
+    q = q.reshape(rows, batch * h, d).transpose(0, 1) * (1.0 / d) ** 0.5
+    k = k.reshape(keys + extra, batch * h, d).transpose(0, 1)
+    scores = torch.bmm(q, k.transpose(1, 2))  # (N * H, l, S')
+    if mask is not None:
+        mask = mask if mask.dim() == 3 else mask[None]
+        mask = F.pad(mask, (0, extra)) if extra else mask
+        scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if pad is not None:
+        pad = F.pad(pad, (0, extra)) if extra else pad
+        pad = pad if pad.dtype == torch.bool else torch.isneginf(pad)
+        scores = scores.view(batch, h, rows, -1).masked_fill(pad[:, None, None], float("-inf")).view_as(scores)
+    return scores.softmax(-1).view(batch, h, rows, keys + extra)
 
 
 def _shape(call: Call) -> tuple[int, int, int, int]:
