@@ -468,3 +468,28 @@ def test_user_specs_win_over_builtins_and_globs_match_class_names():
         ah.unregister(glob)
     with pytest.raises(ah.AttnHookError, match="match must be"):
         ah.AttentionSpec("bad", 42, read=lambda c: c)
+
+
+FIRST_CALLS = """
+import threading, torch
+import attnhook as ah
+barrier, errors = threading.Barrier(2), []
+def first():
+    barrier.wait()
+    try:
+        ah.find_attention(torch.nn.MultiheadAttention(8, 2))
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=first) for _ in range(2)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(errors)
+"""
+
+
+def test_two_threads_making_the_first_call_at_once_both_see_the_builtin_specs():
+    """Fresh processes, two threads released together at their first attnhook call (it loads the specs)."""
+    import subprocess
+    import sys
+    for _ in range(6):
+        done = subprocess.run([sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
