@@ -493,3 +493,37 @@ def test_two_threads_making_the_first_call_at_once_both_see_the_builtin_specs():
     for _ in range(6):
         done = subprocess.run([sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_calls_from_another_thread_are_not_recorded_and_said_once():
+    """Thread A records the model while thread B runs it unrecorded: A's trace holds only A's rows."""
+    import threading
+    import warnings
+
+    model = TransformerCaptioner()
+    x_a, x_b = images(seed=1), images(seed=2)
+    with ah.record(model, sites="cross") as solo:
+        model.greedy(x_a, steps=4)
+    for _ in range(10):
+        barrier = threading.Barrier(2)
+        b_tokens = []
+
+        def other():
+            barrier.wait()
+            for _ in range(3):
+                b_tokens.append(model.greedy(x_b, steps=4)[0])
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            thread = threading.Thread(target=other)
+            with ah.record(model, sites="cross") as trace:
+                thread.start()
+                barrier.wait()
+                model.greedy(x_a, steps=4)
+                thread.join()
+        assert trace.sequences == 1
+        for site in solo.sites:
+            torch.testing.assert_close(trace.weights(site), solo.weights(site))
+        said = [w for w in caught if issubclass(w.category, ah.errors.AttnHookWarning)]
+        assert len(said) <= 1 and all("another thread" in str(w.message) for w in said)
+        assert all(torch.equal(t, b_tokens[0]) for t in b_tokens)
