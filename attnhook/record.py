@@ -324,8 +324,8 @@ class record:
 
     def _sync(self) -> None:
         """Follow `trace.new_sequence()` called by the user between calls."""
-        if self.trace._epoch != self._epoch:
-            self._epoch = self.trace._epoch
+        if self.trace.epoch != self._epoch:
+            self._epoch = self.trace.epoch
             self._tracker.new_run()
             self._held.clear()
 
@@ -337,14 +337,13 @@ class record:
             new = weights[:, :, row]
             if self.keys is not None:
                 new = new[..., self.keys]
-            return _calls.compare(self.trace.held(name, position) if name in self.trace._sites else None,
-                                  new, loose)
+            return _calls.compare(self.trace.held(name, position), new, loose)
 
         placement = self._tracker.place(event, same if weights is not None else None)
         self._say()
         if placement.new_run:
             self.trace.new_sequence()
-            self._epoch = self.trace._epoch
+            self._epoch = self.trace.epoch
             held, self._held = self._held, {}
             for other, (ev, w) in held.items():
                 if other != name:
@@ -366,7 +365,7 @@ class record:
         dtype = self.dtype or rows.dtype
         if self.max_bytes is not None and not self._room(rows.numel() * dtype.itemsize):
             return
-        if name not in self.trace._sites:
+        if not self.trace.has_site(name):
             site = self.selected.get(name) or Site(name, "", kind)
             self.trace.add_site(Site(site.name, site.family, kind, site.layer, weights.shape[1], site.cls))
         kept = torch.empty(rows.shape, dtype=dtype, device=self.device)

@@ -313,9 +313,21 @@ class Trace:
                                  f"{getattr(rows, 'shape', type(rows).__name__)}.")
         self._chunks.setdefault((name, self._seq), []).append(_Chunk(int(start), int(call), rows))
 
+    @property
+    def epoch(self) -> int:
+        """Counts sequence boundaries (`new_sequence()` calls), including ones with no rows before them."""
+        return self._epoch
+
+    def has_site(self, name: str) -> bool:
+        """Whether a site of that name has been added."""
+        return name in self._sites
+
     def held(self, site: Site | str, position: int, call: int = 0) -> torch.Tensor | None:
         """The row held at `position` of the current sequence, `(batch, heads, keys)`, or None."""
-        for c in reversed(self._chunks.get((self.site(site).name, self._seq), [])):
+        name = site.name if isinstance(site, Site) else site
+        if name not in self._sites:
+            return None
+        for c in reversed(self._chunks.get((name, self._seq), [])):
             if c.call == call and c.start <= position < c.start + c.rows.shape[2]:
                 return c.rows[:, :, position - c.start]
         return None
