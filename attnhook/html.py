@@ -33,7 +33,7 @@ from .errors import AttnHookError, AttnHookWarning, RenderError
 from .grid import Grid
 from ._viewer_page import _FRAGMENT, _PAGE, _SCRIPT, _STYLE
 from .maps import SIGMA, _as_maps, _axis
-from .render import ALPHA, CMAP, _check_words, _lut, _rgb
+from .render import ALPHA, CMAP, _check_words, _labels, _lut, _rgb
 
 THUMB = 96  # longer side, in pixels, of the small maps in the overview strip and the heads x layers grid
 MAX_DISPLAY = 1024  # the largest display_size accepted
@@ -144,7 +144,7 @@ def viewer(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA
                       "plain image for them.", AttnHookWarning, stacklevel=2)
     layers, heads = arr.shape[1:3]
     layer_names, layer_hover = _layer_labels(layer_labels, layers)
-    head_names = _names(head_labels, heads, "head")
+    head_names = _labels(head_labels, heads, "head")
     if layers > 1:
         arr = np.concatenate([arr.mean(axis=1, keepdims=True), arr], axis=1)
         layer_names, layer_hover = ["mean"] + layer_names, ["mean of all layers"] + layer_hover
@@ -265,15 +265,6 @@ def trace_html(trace) -> str:
 def _fitted(height: int, width: int, long: int) -> tuple[int, int]:
     scale = long / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def _names(labels, n: int, prefix: str) -> list[str]:
-    if labels is None:
-        return [f"{prefix} {i}" for i in range(n)]
-    labels = [str(x) for x in labels]
-    if len(labels) != n:
-        raise RenderError(f"{len(labels)} {prefix} labels for {n} {prefix}s: pass one label per {prefix}.")
-    return labels
 
 
 def _layer_labels(labels, n: int) -> tuple[list[str], list[str]]:
