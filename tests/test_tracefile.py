@@ -105,7 +105,7 @@ def _set(d, key, value):
     ("truncated-header", lambda p: p.write_bytes(GOLDEN.read_bytes()[:100]), "truncated"),
     ("truncated-data", lambda p: p.write_bytes(GOLDEN.read_bytes()[:-10]), "truncated or damaged"),
     ("garbage", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4), "truncated or not"),
-    ("not-json", lambda p: p.write_bytes(struct.pack("<Q", 4) + b"{{{{"), "not valid safetensors JSON"),
+    ("not-json", lambda p: p.write_bytes(struct.pack("<Q", 4) + b"{{{{"), "header is not valid JSON"),
     ("plain-safetensors", lambda p: p.write_bytes(st_save({"x": torch.ones(2)})), "not an attnhook trace"),
 ])
 def test_unreadable_files_are_refused_with_the_file_named(tmp_path, case, damage, expected):
@@ -236,7 +236,7 @@ def test_a_loaded_trace_renders_exactly_like_the_fresh_one(tmp_path):
     with ah.record(model, sites="cross") as fresh:
         tokens, _ = model.greedy(x, steps=4)
     grid = Grid(4, 6, rule="given")
-    fresh.meta.update(grid=grid, words=[[str(t) for t in tokens[0, 1:].tolist()]])
+    fresh.meta.update(grid=grid, words=[[[str(t) for t in tokens[0, 1:].tolist()]]])
     loaded = ah.load(fresh.save(tmp_path / "run.safetensors"))
     a = ah.attention_maps(fresh, fresh.meta["grid"])
     b = ah.attention_maps(loaded, loaded.meta["grid"])
@@ -246,7 +246,7 @@ def test_a_loaded_trace_renders_exactly_like_the_fresh_one(tmp_path):
                           np.asarray(overlay(image, b[0, 2], grid=loaded.meta["grid"])))
 
     def pixels(trace):
-        fig = plot_words(image, trace.meta["words"][0], ah.attention_maps(trace, trace.meta["grid"])[0],
+        fig = plot_words(image, trace.meta["words"][0][0], ah.attention_maps(trace, trace.meta["grid"])[0],
                          grid=trace.meta["grid"])
         fig.canvas.draw()
         return np.asarray(fig.canvas.buffer_rgba())
