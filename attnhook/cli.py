@@ -17,6 +17,7 @@ _USAGE_SIZE = "HxW, height first (480x640 is a landscape photo); or one number f
 _MAX_PIXELS = 89_478_485  # Pillow's decompression bomb limit, when Image.MAX_IMAGE_PIXELS is unset
 _MAX_DRAW = 2048  # figures, GIFs and viewers are drawn on the image scaled to at most this many px per side
 _MAX_PROBE = 4096  # inspect's probe image, per side
+_MAX_ASPECT = 32  # longer side over shorter side of an image the command draws (a panorama is about 10)
 
 
 def _pair(text: str, what: str, limit: int = 1 << 20) -> tuple[int, int]:
@@ -148,6 +149,15 @@ def _view_names(stem: str) -> list[str]:
     return [f"{stem}-words.png", f"{stem}.gif", f"{stem}.html", f"{stem}.safetensors"]
 
 
+def _check_drawable(size, what: str) -> None:
+    """Refuse an image shape the pictures cannot show: the renderers scale the shorter side up to a readable
+    size, so a 65536 x 1 strip would be drawn kilometres long."""
+    h, w = size
+    if max(h, w) > _MAX_ASPECT * min(h, w):
+        raise _Failure(f"{what} is {h} x {w} pixels, an aspect ratio of {max(h, w) / min(h, w):.0f}:1; attnhook "
+                       f"draws images up to {_MAX_ASPECT}:1. Crop the image into parts and caption each.")
+
+
 def _drawable(image):
     """The image scaled to at most `_MAX_DRAW` px on its longer side, for drawing."""
     import numpy as np
@@ -204,12 +214,24 @@ def _cross_or_all(trace):
     return cross or trace.sites
 
 
+_BAR = {"open": False}  # a progress bar is on the terminal's last line
+
+
 def _progress(i: int, n: int, what: str) -> None:
-    if n > 1:
+    """A progress bar on stderr, for a terminal only (a log or a pipe gets the result lines alone)."""
+    if n > 1 and sys.stderr.isatty():
         width = 24
         done = int(width * (i + 1) / n)
-        print(f"\r[{'#' * done}{'.' * (width - done)}] {i + 1}/{n} {what[:40]:<40}", end="" if i + 1 < n else "\n",
+        last = i + 1 == n
+        print(f"\r[{'#' * done}{'.' * (width - done)}] {i + 1}/{n} {what[:40]:<40}", end="\n" if last else "",
               file=sys.stderr, flush=True)
+        _BAR["open"] = not last
+
+
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own."""
+    print(("\n" if _BAR["open"] else "") + line, file=sys.stderr)
+    _BAR["open"] = False
 
 
 # --- bundled demo models and local transformers models ---------------------------------------------------------
@@ -261,12 +283,13 @@ class _Model:
 
 def _load_hf(path: str):
     """Model, image processor and tokenizer from a local directory. Weights are read from safetensors only
-    (never a pickle); a file that cannot be read, or lacks weights the config needs, is refused."""
+    (never a Python object serialization); a file that cannot be read, or lacks weights the config needs, is refused."""
     try:
         import transformers
     except ImportError:
         raise _Failure("A model directory needs transformers: pip install 'attnhook[transformers]'.") from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # the command's stderr holds its own lines only
 
     def first(e):
         return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -420,7 +443,7 @@ def _caption(args) -> int:
         raise _Failure(f"--beams must be at least 1, got {args.beams}.")
     stems: dict[str, str] = {}
     for p in args.images:  # every file an image of a safe size, and one output name per image, before any work
-        _image_header(p)
+        _check_drawable(_image_header(p), repr(p))
         stem = Path(p).stem
         if stem in stems and stems[stem] != p:
             raise _Failure(f"{stems[stem]!r} and {p!r} would both write {stem}.*: rename one, or caption them "
@@ -435,7 +458,7 @@ def _caption(args) -> int:
             words, trace, grid, shown = runner.caption(_read_image(path), args.beams)
             if not words:
                 silent.append(path)
-                print(f"{path}: the model wrote no word for this image; nothing drawn for it", file=sys.stderr)
+                _say(f"{path}: the model wrote no word for this image; nothing drawn for it")
                 continue
             _write_views(out, Path(path).stem, shown, words, trace, grid, heads)
             print(f"{path}: {' '.join(words)}")
@@ -521,7 +544,10 @@ def _render(args) -> int:
     try:
         words = _render_words(args, trace)
         size = trace.meta.get("image_size")
+        if size:
+            _check_drawable(size, f"{args.trace}'s image (meta['image_size'])")
         image = _read_image(args.image)
+        _check_drawable(image.shape[:2], repr(args.image))
         shown = image
         if size and tuple(size) != image.shape[:2]:  # as the model saw it (bundled models fit it to 96 px)
             h, w = size
@@ -599,15 +625,14 @@ def main(argv: list[str] | None = None) -> int:
             return args.run(args)
         except AttnHookError as e:
             message = " ".join(line.strip() for line in str(e).splitlines())
-            print(f"{name}: error: {message}", file=sys.stderr)
+            _say(f"{name}: error: {message}")
             return 1
         except KeyboardInterrupt as e:
             signum = e.signum if isinstance(e, _Signalled) else 2
             import signal
 
             what = "Ctrl-C" if signum == 2 else signal.Signals(signum).name
-            print(f"{name}: stopped by {what}; nothing was written (no output folder, no temporary files).",
-                  file=sys.stderr)
+            _say(f"{name}: stopped by {what}; nothing was written (no output folder, no temporary files).")
             return 128 + signum
         except Exception as e:  # noqa: BLE001 -- one line, not a traceback, for every failure
             if os.environ.get("ATTNHOOK_TRACEBACK"):
@@ -615,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             first = (str(e).strip().splitlines() or [""])[0][:300]
             kind = "out of memory" if isinstance(e, MemoryError) else type(e).__name__
             hint = (f" ({e.strerror})" if isinstance(e, OSError) and e.strerror and e.strerror not in first else "")
-            print(f"{name}: error: {kind}: {first}{hint}. Nothing was written. Set ATTNHOOK_TRACEBACK=1 to see "
-                  "where it happened.", file=sys.stderr)
+            _say(f"{name}: error: {kind}: {first}{hint}. Nothing was written. Set ATTNHOOK_TRACEBACK=1 to see "
+                 "where it happened.")
             return 1
 
 

@@ -336,7 +336,7 @@ def _check_table(path: Path, header: dict, table: dict, data_bytes: int) -> None
                 and isinstance(entry["data_offsets"], list) and len(entry["data_offsets"]) == 2
                 and all(type(o) is int and o >= 0 for o in entry["data_offsets"])):
             bad(f"the safetensors entry of tensor {name[:80]!r} is not {{dtype, shape, data_offsets}}")
-        if entry["dtype"] not in _SIZES:
+        if not isinstance(entry["dtype"], str) or entry["dtype"] not in _SIZES:
             bad(f"tensor {name[:80]!r} has the unknown dtype {str(entry['dtype'])[:20]!r}")
         begin, end = entry["data_offsets"]
         if end - begin != _SIZES[entry["dtype"]] * int(np.prod(entry["shape"], dtype=object)):

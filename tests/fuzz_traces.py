@@ -61,6 +61,47 @@ def _hostile(rng: random.Random):
     return copy.deepcopy(rng.choice(pool))
 
 
+_WORDS = ["a", "red", "circle", "", " ", "<!--<script>", "</script>", "<img src=x onerror=alert(1)>", "\u202e",
+          "\x00", "w" * 999, "é", "🙂", "\\", "'", '"', "&amp;", "${x}"]
+
+
+def _plausible(key: str, rng: random.Random):
+    """A value of the right type for a documented meta key, with a content anywhere in (or beyond) its range."""
+    n = rng.choice([0, 1, 2, 3, 7, 30])
+    if key == "words":
+        return [[[rng.choice(_WORDS) for _ in range(n)] for _ in range(rng.choice([0, 1, 2]))]
+                for _ in range(rng.choice([0, 1, 2, 3]))]
+    if key == "tokens":
+        return [[[rng.choice([0, 1, -1, 2**62, 5]) for _ in range(n)]] for _ in range(rng.choice([0, 1, 2]))]
+    if key == "image_size":
+        return [rng.choice([1, 2, 7, 64, 96, 4097, 65536, 65537]), rng.choice([1, 3, 48, 96, 20000, 65536])]
+    if key == "image_keys":
+        return [sorted(rng.sample(range(12), rng.choice([0, 1, 4, 6]))) for _ in range(rng.choice([0, 1, 2]))]
+    if key == "image_keys_source":
+        return rng.choice(["image_token_id", "prepended", "other"])
+    if key == "image_keys_spatial":
+        return rng.choice([True, False])
+    if key == "image_grid":
+        return [[[rng.choice([0, 1, 4, 10**6]), rng.choice([1, 4])]] for _ in range(rng.choice([0, 1, 2]))]
+    if key == "keys":
+        return rng.choice([None, [1, None, None], [0, 5, 2], [None, None, 0], [-3, None, -1]])
+    if key == "lengths":
+        return [rng.choice([0, 1, 3, 10**12]) for _ in range(rng.choice([0, 1, 2]))]
+    if key == "transformers":
+        return {"sites": {"x": rng.choice(["attention_interface", "hook", 3])}}
+    if key == "grid":
+        rows, cols = rng.choice([(1, 1), (2, 3), (3, 2), (1, 6), (6, 1), (8, 12), (12, 8), (4, 4), (10**6, 1)])
+        g = {"rows": rows, "cols": cols, "prefix": rng.choice([0, 1, 2]), "suffix": rng.choice([0, 1])}
+        if rng.random() < 0.5:
+            w = rng.choice([1e-9, 0.5, 48.0, 1e6])
+            g["box"] = [rng.choice([-10.0, 0.0, 5.0]), 0.0, w, rng.choice([1e-9, 32.0, 1e5])]
+        if rng.random() < 0.3:
+            g["tiles"] = rng.choice([[1, 2], [2, 1], [2, 2]])
+            g["tile_prefix"] = rng.choice([0, 1])
+        return {"__grid__": g}
+    return _hostile(rng)
+
+
 def _nudge(value, rng: random.Random):
     if type(value) is int:
         return rng.choice([value + 1, value - 1, -value, value * 1000, value * 10**6, 0])
@@ -96,7 +137,10 @@ def _set(root, path, value):
 def _mutate_json(header: dict, rng: random.Random) -> None:
     meta = header["meta"]
     roll = rng.random()
-    if roll < 0.35:  # a documented meta key
+    if roll < 0.3:  # a documented meta key, right type, any content
+        key = rng.choice(_DOCUMENTED)
+        meta[key] = _plausible(key, rng)
+    elif roll < 0.5:  # a documented meta key, nudged or hostile
         key = rng.choice(_DOCUMENTED)
         if key == "grid" and isinstance(meta.get("grid"), dict) and isinstance(meta["grid"].get("__grid__"), dict):
             g = meta["grid"]["__grid__"]
@@ -108,10 +152,10 @@ def _mutate_json(header: dict, rng: random.Random) -> None:
             _set(meta, path, _nudge(value, rng))
         else:
             meta[key] = _hostile(rng)
-    elif roll < 0.7:  # any node of the attnhook header
+    elif roll < 0.75:  # any node of the attnhook header
         path, value = rng.choice(list(_nodes(header))[1:])
         _set(header, path, _nudge(value, rng) if rng.random() < 0.5 else _hostile(rng))
-    elif roll < 0.85:  # drop a key or an item
+    elif roll < 0.95:  # drop a key or an item
         path, _ = rng.choice(list(_nodes(header))[1:])
         node = header
         for p in path[:-1]:
