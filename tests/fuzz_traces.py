@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from golden import GOLDEN  # noqa: E402
 
-CI_CASES = 120
+CI_CASES = 300
 _DOCUMENTED = ["model", "keys", "tokens", "words", "image_keys", "image_keys_source", "image_keys_spatial",
                "image_grid", "transformers", "lengths", "image_size", "grid"]
 _GRID_FIELDS = ["rows", "cols", "prefix", "suffix", "rule", "box", "tiles", "tile_prefix", "tile_suffix",
