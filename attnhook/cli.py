@@ -105,7 +105,7 @@ def _image_header(path: str, decode: bool = True) -> tuple[int, int]:
     limit = Image.MAX_IMAGE_PIXELS or _MAX_PIXELS
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("error" if decode else "ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 size = (im.height, im.width)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
