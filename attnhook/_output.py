@@ -19,6 +19,11 @@ from pathlib import Path
 from .errors import AttnHookError
 
 
+#: Output folders committed in this process, latest last (a signal that arrives just after a commit must not
+#: be reported as "nothing was written").
+COMMITTED: list[Path] = []
+
+
 class OutputError(AttnHookError):
     """The output folder cannot be used as asked (not a folder, not writable, would replace files)."""
 
@@ -93,6 +98,7 @@ class Output:
             finally:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             self.committed = True
+            COMMITTED.append(self.out)
 
     def _move(self) -> None:
         if not os.path.lexists(self.real):

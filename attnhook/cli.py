@@ -620,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors: argparse already printed
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     name = f"attnhook {args.command}"
+    from ._output import COMMITTED
+
+    done = len(COMMITTED)
     with _signals_as_interrupts():
         try:
             return args.run(args)
@@ -631,8 +634,13 @@ def main(argv: list[str] | None = None) -> int:
             signum = e.signum if isinstance(e, _Signalled) else 2
             import signal
 
+            from ._output import COMMITTED
+
             what = "Ctrl-C" if signum == 2 else signal.Signals(signum).name
-            _say(f"{name}: stopped by {what}; nothing was written (no output folder, no temporary files).")
+            if COMMITTED[done:]:  # the signal came while the results were being moved in: they all were
+                _say(f"{name}: stopped by {what} after all results were written to {COMMITTED[-1]}/.")
+            else:
+                _say(f"{name}: stopped by {what}; nothing was written (no output folder, no temporary files).")
             return 128 + signum
         except Exception as e:  # noqa: BLE001 -- one line, not a traceback, for every failure
             if os.environ.get("ATTNHOOK_TRACEBACK"):

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import io
 import json
-import math
 import random
 import re
 import struct
