@@ -14,14 +14,21 @@ import sys
 from .errors import AttnHookError, GridError
 
 _USAGE_SIZE = "HxW, height first (480x640 is a landscape photo); or one number for a square"
+_MAX_PIXELS = 89_478_485  # Pillow's decompression bomb limit, when Image.MAX_IMAGE_PIXELS is unset
+_MAX_DRAW = 2048  # figures, GIFs and viewers are drawn on the image scaled to at most this many px per side
+_MAX_PROBE = 4096  # inspect's probe image, per side
+_MAX_ASPECT = 32  # longer side over shorter side of an image the command draws (a panorama is about 10)
 
 
-def _pair(text: str, what: str) -> tuple[int, int]:
-    """'480x640' or '480,640' or '224' -> (480, 640) / (224, 224)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[x×X,]\s*(\d+))?\s*", text)
+def _pair(text: str, what: str, limit: int = 1 << 20) -> tuple[int, int]:
+    """'480x640' or '480,640' or '224' -> (480, 640) / (224, 224); each at most `limit`."""
+    m = re.fullmatch(r"\s*(\d{1,12})\s*(?:[x×X,]\s*(\d{1,12}))?\s*", text)
     if not m or int(m[1]) < 1 or (m[2] is not None and int(m[2]) < 1):
-        raise GridError(f"{what} must be {_USAGE_SIZE}; got {text!r}.")
-    return int(m[1]), int(m[2] if m[2] is not None else m[1])
+        raise GridError(f"{what} must be {_USAGE_SIZE}; got {text[:40]!r}.")
+    pair = int(m[1]), int(m[2] if m[2] is not None else m[1])
+    if max(pair) > limit:
+        raise GridError(f"{what} {pair[0]}x{pair[1]} is too large: at most {limit} per side.")
+    return pair
 
 
 def _load_model_config(name: str):
@@ -74,13 +81,7 @@ def _explain(args) -> int:
 
     image_size = _pair(args.image_size, "--image-size") if args.image_size else None
     if args.image:
-        try:
-            from PIL import Image
-
-            with Image.open(args.image) as im:
-                image_size = (im.height, im.width)
-        except OSError as e:
-            raise GridError(f"Could not read an image from {args.image!r}: {e}") from None
+        image_size = _image_header(args.image, decode=False)
     grid = _pair(args.grid, "--grid") if args.grid else None
     model = _load_model_config(args.model) if args.model else None
     processor = _load_processor(args.processor) if args.processor else None
@@ -94,76 +95,117 @@ class _Failure(AttnHookError):
     """A command-line failure that is not about attention itself (a file, a model directory)."""
 
 
+def _image_header(path: str, decode: bool = True) -> tuple[int, int]:
+    """(height, width) of an image file, from its header alone; refuses what Pillow would not decode safely
+    (a decompression bomb) when the pixels are to be decoded."""
+    import warnings
+
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS or _MAX_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if decode else "ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                size = (im.height, im.width)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        size = tuple(int(x) for x in re.findall(r"\d+", str(e))[:1]) or ("?",)
+        if decode:
+            raise _Failure(f"{path!r} is an image of {size[0]} pixels, more than the {limit} Pillow decodes "
+                           "safely (its decompression bomb guard). Shrink it first.") from None
+        raise _Failure(f"{path!r} claims {size[0]} pixels, beyond Pillow's decompression bomb guard; it cannot be "
+                       "opened safely.") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        reason = "no such file" if isinstance(e, FileNotFoundError) else (str(e) or type(e).__name__)
+        raise _Failure(f"Could not read an image from {path!r}: {reason[:200]}. Pass a PNG or JPEG file.") from None
+    if decode and size[0] * size[1] > limit:
+        raise _Failure(f"{path!r} is {size[0]} x {size[1]} = {size[0] * size[1]} pixels, more than the {limit} "
+                       "Pillow decodes safely (its decompression bomb guard). Shrink it first.")
+    return size
+
+
 def _read_image(path: str):
-    """An image file as an `(H, W, 3)` uint8 array."""
+    """An image file as an `(H, W, 3)` uint8 array; its size checked before a pixel is decoded."""
     import numpy as np
     from PIL import Image
 
+    _image_header(path)
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        reason = "no such file" if isinstance(e, FileNotFoundError) else (str(e) or type(e).__name__)
-        raise _Failure(f"Could not read an image from {path!r}: {reason}. Pass a PNG or JPEG file.") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = str(e) or type(e).__name__
+        raise _Failure(f"Could not read an image from {path!r}: {reason[:200]}. Pass a PNG or JPEG file.") from None
 
 
-class _Output:
-    """Files written into a temporary folder beside `out`, moved into `out` only when everything is written."""
+def _output(out: str, planned: list[str], force: bool):
+    from ._output import Output
 
-    def __init__(self, out: str):
-        import tempfile
-        from pathlib import Path
-
-        self.out = Path(out)
-        try:
-            if self.out.exists() and not self.out.is_dir():
-                raise OSError(f"{self.out} is a file")
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
-        except OSError as e:
-            raise _Failure(f"Cannot write to the output folder {str(self.out)!r}: {e.strerror or e}. "
-                           "Choose a writable folder with --out.") from None
-        self.names: list[str] = []
-
-    def path(self, name: str):
-        self.names.append(name)
-        return self.tmp / name
-
-    def commit(self) -> None:
-        import os
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        for name in self.names:
-            os.replace(self.tmp / name, self.out / name)
-        self.discard()
-
-    def discard(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, *_):
-        self.commit() if kind is None else self.discard()
+    return Output(out, planned, force)
 
 
-def _write_views(out: _Output, stem: str, image, words, trace, grid, heads="mean") -> None:
-    """The per-word figure (PNG), the animation (GIF), the viewer (HTML) and the trace of one captioned image."""
+def _view_names(stem: str) -> list[str]:
+    """The files `_write_views` writes for one stem."""
+    return [f"{stem}-words.png", f"{stem}.gif", f"{stem}.html", f"{stem}.safetensors"]
+
+
+def _check_drawable(size, what: str) -> None:
+    """Refuse an image shape the pictures cannot show: the renderers scale the shorter side up to a readable
+    size, so a 65536 x 1 strip would be drawn kilometres long."""
+    h, w = size
+    if max(h, w) > _MAX_ASPECT * min(h, w):
+        raise _Failure(f"{what} is {h} x {w} pixels, an aspect ratio of {max(h, w) / min(h, w):.0f}:1; attnhook "
+                       f"draws images up to {_MAX_ASPECT}:1. Crop the image into parts and caption each.")
+
+
+def _drawable(image):
+    """The image scaled to at most `_MAX_DRAW` px on its longer side, for drawing."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if max(h, w) <= _MAX_DRAW:
+        return image
+    scale = _MAX_DRAW / max(h, w)
+    return np.array(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                  Image.BILINEAR))
+
+
+def _scaled_grid(grid, sy: float, sx: float):
+    from dataclasses import replace
+
+    if grid is None or grid.box is None or (sy, sx) == (1, 1):
+        return grid
+    x0, y0, x1, y1 = grid.box
+    return replace(grid, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+
+
+def _write_views(out, stem: str, image, words, trace, grid, heads="mean", size=None) -> None:
+    """The per-word figure (PNG), the animation (GIF), the viewer (HTML) and the trace of one captioned image.
+
+    `grid` lies on an image of `size` (default: `image`'s own size), which the trace records; the pictures are
+    drawn on `image` scaled to at most `_MAX_DRAW` px a side, with the grid's box scaled alike."""
+    import matplotlib.pyplot as plt
+
     from .html import save_html
     from .maps import attention_maps
     from .render import plot_words, save_gif
 
     n = len(words)
     maps = attention_maps(trace, grid, heads=heads)[0, :n]
-    fig = plot_words(image, words, maps, grid=grid)
-    fig.savefig(out.path(f"{stem}-words.png"), dpi=100)
-    save_gif(out.path(f"{stem}.gif"), image, words, maps, grid=grid)
     every = attention_maps(trace, grid, heads="all", layers="all")[0, :n]
+    size = tuple(size or image.shape[:2])
+    drawn = _drawable(image)
+    drawn_grid = _scaled_grid(grid, drawn.shape[0] / size[0], drawn.shape[1] / size[1])
+    fig = plot_words(drawn, words, maps, grid=drawn_grid)
+    try:
+        fig.savefig(out.path(f"{stem}-words.png"), dpi=100)
+    finally:
+        plt.close(fig)
+    save_gif(out.path(f"{stem}.gif"), drawn, words, maps, grid=drawn_grid)
     layer_labels = [s.name for s in _cross_or_all(trace)]
-    save_html(out.path(f"{stem}.html"), image, words, every, grid=grid, layer_labels=layer_labels)
-    trace.meta.update(words=[[list(words)]], image_size=list(image.shape[:2]), grid=grid)
+    save_html(out.path(f"{stem}.html"), drawn, words, every, grid=drawn_grid, layer_labels=layer_labels)
+    trace.meta.update(words=[[list(words)]], image_size=list(size), grid=grid)
     trace.save(out.path(f"{stem}.safetensors"))
 
 
@@ -172,12 +214,24 @@ def _cross_or_all(trace):
     return cross or trace.sites
 
 
+_BAR = {"open": False}  # a progress bar is on the terminal's last line
+
+
 def _progress(i: int, n: int, what: str) -> None:
-    if n > 1:
+    """A progress bar on stderr, for a terminal only (a log or a pipe gets the result lines alone)."""
+    if n > 1 and sys.stderr.isatty():
         width = 24
         done = int(width * (i + 1) / n)
-        print(f"\r[{'#' * done}{'.' * (width - done)}] {i + 1}/{n} {what[:40]:<40}", end="" if i + 1 < n else "\n",
+        last = i + 1 == n
+        print(f"\r[{'#' * done}{'.' * (width - done)}] {i + 1}/{n} {what[:40]:<40}", end="\n" if last else "",
               file=sys.stderr, flush=True)
+        _BAR["open"] = not last
+
+
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own."""
+    print(("\n" if _BAR["open"] else "") + line, file=sys.stderr)
+    _BAR["open"] = False
 
 
 # --- bundled demo models and local transformers models ---------------------------------------------------------
@@ -228,29 +282,43 @@ class _Model:
 
 
 def _load_hf(path: str):
+    """Model, image processor and tokenizer from a local directory. Weights are read from safetensors only
+    (never a Python object serialization); a file that cannot be read, or lacks weights the config needs, is refused."""
     try:
         import transformers
     except ImportError:
         raise _Failure("A model directory needs transformers: pip install 'attnhook[transformers]'.") from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # the command's stderr holds its own lines only
+
+    def first(e):
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 -- OSError, ValueError, JSON errors: all mean "no readable config"
         raise _Failure(f"{path!r} is not a transformers model directory (no readable config.json: "
-                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}).") from None
+                       f"{first(e)}).") from None
     try:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise _Failure(f"{path!r} holds a {type(config).__name__}, not an image-to-text model transformers can "
-                       f"load ({str(e).splitlines()[0] if str(e) else type(e).__name__}).") from None
+        model, info = transformers.AutoModelForImageTextToText.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 -- a corrupt or truncated model.safetensors raises many kinds
+        raise _Failure(f"{path!r} holds a {type(config).__name__}, but no image-to-text model transformers can "
+                       f"load from its model.safetensors ({first(e)}).") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise _Failure(f"{path!r}: model.safetensors lacks {len(missing)} weight(s) the config needs (e.g. "
+                       f"{missing[0]!r}): the file is incomplete or belongs to another model. Save the model again "
+                       "with .save_pretrained(path).")
+    model.eval()
     processor = {}
     for key, loader in (("images", transformers.AutoImageProcessor), ("text", transformers.AutoTokenizer)):
         try:
             processor[key] = loader.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001
             what = "an image processor (preprocessor_config.json)" if key == "images" else "a tokenizer"
-            raise _Failure(f"{path!r} has no {what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
-                           "Save it beside the model with .save_pretrained(path).") from None
+            raise _Failure(f"{path!r} has no {what}: {first(e)}. Save it beside the model with "
+                           ".save_pretrained(path).") from None
     return model, processor
 
 
@@ -273,8 +341,6 @@ def _caption_hf(runner: _Model, image, beams: int):
     new = sequence[-steps:].tolist()
     special = set(text.all_special_ids)
     words = [text.decode([t]).strip() or "␣" for t in new if t not in special]
-    if not words:
-        words = [text.decode([new[0]]) or "?"]
     keys = trace.weights(_cross_or_all(trace)[0]).shape[-1]
     grid = infer_grid(keys, image_size=image.shape[:2], model=model, processor=images)
     return words, trace, grid, image
@@ -293,6 +359,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--check", type=int, default=100, metavar="N",
                    help="fresh images per model and size to measure caption and pointing accuracy (default 100)")
     p.add_argument("--seed", type=int, default=2024, help="seed of the generated images (default 2024)")
+    p.add_argument("--force", action="store_true", help="replace files of the same names in --out (without it, "
+                   "a run that would replace a file is refused before it starts)")
     p.set_defaults(run=_demo)
 
 
@@ -302,7 +370,8 @@ def _demo(args) -> int:
     if args.images < 1 or args.check < 0:
         raise _Failure(f"--images must be at least 1 and --check at least 0, got {args.images} and {args.check}.")
     sizes = [(64, 64), (64, 96)]
-    with _Output(args.out) as out:
+    stems = [f"{name}-{h}x{w}-{i}" for name in demo.NAMES for h, w in sizes for i in range(args.images)]
+    with _output(args.out, [n for stem in stems for n in _view_names(stem)], args.force) as out:
         for name in demo.NAMES:
             model = demo.load(name)
             print(f"{name}: {type(model).__name__}")
@@ -311,6 +380,9 @@ def _demo(args) -> int:
                 for i, scene in enumerate(scenes):
                     words, trace = _demo_one(model, scene)
                     stem = f"{name}-{size[0]}x{size[1]}-{i}"
+                    if not words:
+                        print(f"  {stem}: the model wrote no word; nothing drawn for this image")
+                        continue
                     _write_views(out, stem, scene.image, words, trace, model.grid(size))
                     mark = "ok" if " ".join(words) == scene.caption else f"expected {scene.caption!r}"
                     print(f"  {stem}: {' '.join(words)!r} ({mark})")
@@ -344,6 +416,8 @@ def _add_caption(sub) -> None:
                    help="a bundled model (transformer, sat) or a local transformers model directory")
     p.add_argument("--out", default="attnhook-out", metavar="DIR", help="output folder (default: attnhook-out)")
     p.add_argument("--beams", type=int, default=1, metavar="K", help="beam search width (transformers models)")
+    p.add_argument("--force", action="store_true", help="replace files of the same names in --out (without it, "
+                   "a run that would replace a file is refused before it starts)")
     p.add_argument("--layer", type=int, action="append", metavar="L",
                    help="layer index to record, negative from the end; repeatable (default: every layer)")
     p.add_argument("--heads", default="mean", metavar="mean|max|N", help="how heads are combined (default mean)")
@@ -367,15 +441,31 @@ def _caption(args) -> int:
     heads = _heads(args.heads)
     if args.beams < 1:
         raise _Failure(f"--beams must be at least 1, got {args.beams}.")
-    images = [(p, _read_image(p)) for p in args.images]  # every file readable before any work
+    stems: dict[str, str] = {}
+    for p in args.images:  # every file an image of a safe size, and one output name per image, before any work
+        _check_drawable(_image_header(p), repr(p))
+        stem = Path(p).stem
+        if stem in stems and stems[stem] != p:
+            raise _Failure(f"{stems[stem]!r} and {p!r} would both write {stem}.*: rename one, or caption them "
+                           "into different --out folders.")
+        stems[stem] = p
     runner = _Model(args.model, args.sites, args.layer)
-    with _Output(args.out) as out:
-        for i, (path, image) in enumerate(images):
-            _progress(i, len(images), Path(path).name)
-            words, trace, grid, shown = runner.caption(image, args.beams)
+    paths = list(stems.values())
+    silent = []
+    with _output(args.out, [n for stem in stems for n in _view_names(stem)], args.force) as out:
+        for i, path in enumerate(paths):
+            _progress(i, len(paths), Path(path).name)
+            words, trace, grid, shown = runner.caption(_read_image(path), args.beams)
+            if not words:
+                silent.append(path)
+                _say(f"{path}: the model wrote no word for this image; nothing drawn for it")
+                continue
             _write_views(out, Path(path).stem, shown, words, trace, grid, heads)
             print(f"{path}: {' '.join(words)}")
-    print(f"wrote {len(out.names)} files to {out.out}/")
+        if len(silent) == len(paths):
+            raise _Failure(f"The model wrote no word for any of the {len(paths)} image(s); nothing was written.")
+    note = f" (no word for {len(silent)} of {len(paths)} images)" if silent else ""
+    print(f"wrote {len(out.names)} files to {out.out}/{note}")
     return 0
 
 
@@ -387,7 +477,8 @@ def _add_inspect(sub) -> None:
                     "on a probe image while recording every site, and print each site's name, family, kind, heads, "
                     "key count and the grid those keys lie on.")
     p.add_argument("model", metavar="MODEL", help="a bundled model (transformer, sat) or a transformers directory")
-    p.add_argument("--image-size", default="64x96", metavar="HxW", help=f"the probe image: {_USAGE_SIZE}")
+    p.add_argument("--image-size", default="64x96", metavar="HxW",
+                   help=f"the probe image: {_USAGE_SIZE}; at most {_MAX_PROBE} per side")
     p.set_defaults(run=_inspect)
 
 
@@ -397,7 +488,7 @@ def _inspect(args) -> int:
     from .grid import infer_grid
     from .record import find_attention
 
-    height, width = _pair(args.image_size, "--image-size")
+    height, width = _pair(args.image_size, "--image-size", limit=_MAX_PROBE)
     runner = _Model(args.model, sites="all")
     probe = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     words, trace, grid, shown = runner.caption(probe)
@@ -432,44 +523,61 @@ def _add_render(sub) -> None:
     p.add_argument("--grid", metavar="ROWSxCOLS", help="the key grid, if the trace does not hold it")
     p.add_argument("--prefix", type=int, default=None, metavar="N", help="keys before the grid (with --grid)")
     p.add_argument("--heads", default="mean", metavar="mean|max|N", help="how heads are combined (default mean)")
+    p.add_argument("--force", action="store_true", help="replace files of the same names in --out (without it, "
+                   "a run that would replace a file is refused before it starts)")
     p.set_defaults(run=_render)
 
 
 def _render(args) -> int:
     from pathlib import Path
 
+    import numpy as np
+    from PIL import Image
+
     from .grid import Grid, infer_grid
     from .tracefile import load
 
     heads = _heads(args.heads)
-    trace = load(args.trace)
-    image = _read_image(args.image)
-    size = trace.meta.get("image_size")
-    shown = image
-    if size and tuple(size) != image.shape[:2]:  # the image as the model saw it (bundled models fit it to 96 px)
-        import numpy as np
-        from PIL import Image
-
-        shown = np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-    if args.grid:
-        rows, cols = _pair(args.grid, "--grid")
-        grid = Grid(rows, cols, prefix=args.prefix or 0, rule="given: --grid")
-    elif isinstance(trace.meta.get("grid"), Grid):
-        grid = trace.meta["grid"]
-    else:
-        keys = trace.weights(_cross_or_all(trace)[0]).shape[-1]
-        grid = infer_grid(keys, image_size=shown.shape[:2], prefix=args.prefix)
-    if args.words:
-        words = args.words.split(",")
-    else:
-        stored = trace.meta.get("words")
-        if not stored:
-            raise _Failure(f"{args.trace} holds no words; pass them with --words w1,w2,...")
-        words = stored[0][0]
-    with _Output(args.out) as out:
-        _write_views(out, Path(args.trace).stem, shown, words, trace, grid, heads)
+    trace = load(args.trace)  # every meta key checked: image_size bounded, the grid fits the rows
+    stem = Path(args.trace).stem
+    out = _output(args.out, _view_names(stem), args.force)
+    try:
+        words = _render_words(args, trace)
+        size = trace.meta.get("image_size")
+        if size:
+            _check_drawable(size, f"{args.trace}'s image (meta['image_size'])")
+        image = _read_image(args.image)
+        _check_drawable(image.shape[:2], repr(args.image))
+        shown = image
+        if size and tuple(size) != image.shape[:2]:  # as the model saw it (bundled models fit it to 96 px)
+            h, w = size
+            scale = min(1.0, _MAX_DRAW / max(h, w))  # drawn at most _MAX_DRAW a side: never a huge resize
+            shown = np.array(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                           Image.BILINEAR))
+        if args.grid:
+            rows, cols = _pair(args.grid, "--grid")
+            grid = Grid(rows, cols, prefix=args.prefix or 0, rule="given: --grid")
+        elif isinstance(trace.meta.get("grid"), Grid):
+            grid = trace.meta["grid"]
+        else:
+            keys = trace.weights(_cross_or_all(trace)[0]).shape[-1]
+            grid = infer_grid(keys, image_size=tuple(size) if size else shown.shape[:2], prefix=args.prefix)
+        with out:
+            _write_views(out, stem, shown, words, trace, grid, heads, size=size)
+    finally:
+        if not out.committed:
+            out.discard()
     print(f"wrote {len(out.names)} files to {out.out}/")
     return 0
+
+
+def _render_words(args, trace) -> list[str]:
+    if args.words:
+        return args.words.split(",")
+    stored = trace.meta.get("words")
+    if not stored or not stored[0] or not stored[0][0]:
+        raise _Failure(f"{args.trace} holds no words for its first sequence; pass them with --words w1,w2,...")
+    return stored[0][0]
 
 
 # --- the command -----------------------------------------------------------------------------------------------
@@ -493,6 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the `attnhook` command; returns its exit status.
 
+    Every failure is one line on stderr: 1 for an error (a user error names the fix; anything else names the
+    exception, and `ATTNHOOK_TRACEBACK=1` shows where), 130 after Ctrl-C, 143 after SIGTERM, 129 after SIGHUP.
+    An output folder is all or nothing: a failed or interrupted run leaves no file and no temporary folder.
+
     Example:
         >>> main(["explain", "1,8,12,197", "--image-size", "224x224"])    # doctest: +ELLIPSIS
         shape (1, 8, 12, 197) read as (batch, heads, queries, keys)...
@@ -500,17 +612,83 @@ def main(argv: list[str] | None = None) -> int:
         ...
         0
     """
+    import os
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors: argparse already printed
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    try:
-        return args.run(args)
-    except AttnHookError as e:
-        message = " ".join(line.strip() for line in str(e).splitlines())
-        print(f"attnhook {args.command}: error: {message}", file=sys.stderr)
-        return 1
+    name = f"attnhook {args.command}"
+    from ._output import COMMITTED
+
+    done = len(COMMITTED)
+    with _signals_as_interrupts():
+        try:
+            return args.run(args)
+        except AttnHookError as e:
+            message = " ".join(line.strip() for line in str(e).splitlines())
+            _say(f"{name}: error: {message}")
+            return 1
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, _Signalled) else 2
+            import signal
+
+            from ._output import COMMITTED
+
+            what = "Ctrl-C" if signum == 2 else signal.Signals(signum).name
+            if COMMITTED[done:]:  # the signal came while the results were being moved in: they all were
+                _say(f"{name}: stopped by {what} after all results were written to {COMMITTED[-1]}/.")
+            else:
+                _say(f"{name}: stopped by {what}; nothing was written (no output folder, no temporary files).")
+            return 128 + signum
+        except Exception as e:  # noqa: BLE001 -- one line, not a traceback, for every failure
+            if os.environ.get("ATTNHOOK_TRACEBACK"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            kind = "out of memory" if isinstance(e, MemoryError) else type(e).__name__
+            hint = (f" ({e.strerror})" if isinstance(e, OSError) and e.strerror and e.strerror not in first else "")
+            _say(f"{name}: error: {kind}: {first}{hint}. Nothing was written. Set ATTNHOOK_TRACEBACK=1 to see "
+                 "where it happened.")
+            return 1
+
+
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every cleanup on the way out runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _signals_as_interrupts():
+    """While the command runs, SIGTERM and SIGHUP raise `_Signalled` (as Ctrl-C raises KeyboardInterrupt);
+    handlers a caller installed, or signals it ignores, are left alone. Main thread only."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def installed():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {}
+
+        def raise_(signum, frame):
+            raise _Signalled(signum)
+
+        for n in ("SIGTERM", "SIGHUP"):
+            num = getattr(signal, n, None)
+            if num is not None and signal.getsignal(num) is signal.SIG_DFL:
+                old[num] = signal.signal(num, raise_)
+        try:
+            yield
+        finally:
+            for num, handler in old.items():
+                signal.signal(num, handler)
+
+    return installed()
 
 
 if __name__ == "__main__":

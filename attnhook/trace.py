@@ -280,9 +280,9 @@ class Trace:
             >>> layer = torch.nn.TransformerDecoderLayer(16, 2, batch_first=True).eval()
             >>> with ah.record(layer, sites="cross") as trace:
             ...     _ = layer(torch.randn(2, 3, 16), torch.randn(2, 6, 16))
-            >>> trace.meta["words"] = [["a", "red", "circle"], ["a", "blue", "square"]]
+            >>> trace.meta["words"] = [[["a", "red", "circle"], ["a", "blue", "square"]]]  # per sequence, per row
             >>> path = trace.save(os.path.join(tempfile.mkdtemp(), "run.safetensors"))
-            >>> ah.load(path).meta["words"][1]
+            >>> ah.load(path).meta["words"][0][1]
             ['a', 'blue', 'square']
         """
         from .tracefile import save
