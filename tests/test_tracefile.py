@@ -457,8 +457,12 @@ def test_a_call_axis_and_beam_batches_survive_a_round_trip(tmp_path):
     with ah.record(beams) as beam_trace:
         for rows in (1, 3, 2):
             beams(torch.randn(rows, 1, 8), memory.expand(rows, -1, -1), memory.expand(rows, -1, -1))
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / "docs" / "trace-format.schema.json").read_text())
     for original in (trace, beam_trace):
-        again = ah.load(original.save(tmp_path / "t.safetensors"))
+        path = original.save(tmp_path / "t.safetensors")
+        jsonschema.validate(_header_of(path.read_bytes()), schema)
+        again = ah.load(path)
         for site in original.sites:
             assert again.calls(site) == original.calls(site)
             assert again.batch_sizes(site) == original.batch_sizes(site)
