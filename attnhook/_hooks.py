@@ -1,4 +1,4 @@
-"""Hook plumbing written once: an undo stack, reference-counted global switches, the active-model registry.
+"""Hook plumbing written once: an undo stack, the active-model registry, hook registration.
 
 Nothing here knows about attention or positions; `record` wires these together.
 """
@@ -9,7 +9,6 @@ import threading
 import weakref
 from typing import Callable
 
-import torch
 from torch import nn
 
 from .errors import RecordingError
@@ -51,48 +50,6 @@ def _add_note(error: BaseException, note: str) -> None:
     else:
         error.__notes__ = [*getattr(error, "__notes__", []), note]
 
-
-class Switch:
-    """A process-global setting turned to `value` while any user holds it, restored when the last one lets go."""
-
-    def __init__(self, get: Callable[[], object], set_: Callable[[object], None], value: object):
-        self._get, self._set, self._value = get, set_, value
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved: object = None
-
-    def hold(self) -> Callable[[], None]:
-        with self._lock:
-            if self._users == 0:
-                self._saved = self._get()
-                self._set(self._value)
-            self._users += 1
-        released = []
-
-        def release() -> None:
-            if released:
-                return
-            released.append(True)
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    self._set(self._saved)
-
-        return release
-
-
-def _fastpath_get() -> bool:
-    mha = getattr(torch.backends, "mha", None)
-    return bool(mha.get_fastpath_enabled()) if mha is not None else True
-
-
-def _fastpath_set(value: object) -> None:
-    mha = getattr(torch.backends, "mha", None)
-    if mha is not None:
-        mha.set_fastpath_enabled(bool(value))
-
-
-MHA_FASTPATH_OFF = Switch(_fastpath_get, _fastpath_set, False)
 
 _ACTIVE_LOCK = threading.Lock()
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()

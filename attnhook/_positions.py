@@ -90,7 +90,6 @@ class Note:
 class _Clock:
     """The latest self-attention call of the run: the pass that cross-attention calls belong to."""
 
-    serial: int
     batch: int
     queries: int
     start: int
@@ -105,7 +104,6 @@ class _Site:
     keys: int = -1
     extra: int = 0  # self-attention keys that are not positions (memory slots, registers)
     token: object = None  # what marked this site's last pass (a step count or a self-attention serial)
-    clock_seen: int = 0  # self-attention serial when this site was last called
     calls: int = 0  # calls of the site in its current pass
     last: Placement | None = None
     memory: frozenset = frozenset()
@@ -163,7 +161,7 @@ class Tracker:
         start, valid = self._start(st, e)
         new_run = self._breaks_run(st, e, start, valid, compare)
         if new_run:
-            self._restart_for(e)
+            self.new_run()
             st = self.sites.setdefault(e.site, _Site())
             start, valid = self._start(st, e)
         real = e.queries if valid is None else max(0, min(valid, e.queries))
@@ -171,9 +169,9 @@ class Tracker:
         last = start + real
         if e.kind == "self":
             self.serial += 1
-            self.clock = _Clock(self.serial, e.batch, e.queries, start, valid)
+            self.clock = _Clock(e.batch, e.queries, start, valid)
         token = self.steps if self.stepping else self.serial
-        st.token, st.clock_seen, st.calls = token, self.serial, 0
+        st.token, st.calls = token, 0
         st.batch, st.queries, st.keys = e.batch, e.queries, e.keys
         if e.memory is not None:
             st.memory = frozenset(e.memory)
@@ -255,9 +253,6 @@ class Tracker:
                            "to compare); kept in the same run, as beam hypotheses. If a new run starts here, call "
                            "trace.new_sequence() before it; give the spec memory= to let attnhook tell.")
         return False
-
-    def _restart_for(self, e: Event) -> None:
-        self.new_run()
 
     def _note(self, code: str, site: str, message: str, quiet: bool = False) -> None:
         self.notes.append(Note(code if not quiet else f"quiet:{code}", site, message))

@@ -427,7 +427,6 @@ class _Recording:
                 config._attn_implementation_internal = IMPLEMENTATION
         for module in self.names:
             if isinstance(module, PreTrainedModel):
-                params = _params(type(module))
                 self.handles.append(module.register_forward_pre_hook(self._see_inputs, with_kwargs=True))
                 self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
                 self.handles.append(module.register_forward_hook(self._leave, always_call=True))
@@ -551,14 +550,6 @@ class _Recording:
 def _returns_tuple(cls: type) -> bool:
     annotation = inspect.signature(cls.forward).return_annotation
     return annotation not in (torch.Tensor, "torch.Tensor", "Tensor")
-
-
-def _first_int(config, names) -> int | None:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def _output_embeddings(model: nn.Module):
