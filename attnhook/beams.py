@@ -127,8 +127,9 @@ def follow(trace: Trace, beam_indices, sequence: int = 0, ends: Sequence[tuple[i
     out.cut = trace.cut
     out.notes = list(trace.notes)
     for site in trace.sites:
-        rows = [r for r in trace.rows(site, sequence) if r[1] == 0]
-        calls = trace.calls(site, sequence)
+        every = trace.rows(site, sequence)  # read once: (position, call, row), ordered
+        rows = [r for r in every if r[1] == 0]
+        calls = 1 + max(r[1] for r in every)
         if len(rows) < steps:
             raise RecordingError(
                 f"Site {site.name!r} holds {len(rows)} steps in sequence {sequence}, fewer than the {steps} steps "
@@ -137,7 +138,7 @@ def follow(trace: Trace, beam_indices, sequence: int = 0, ends: Sequence[tuple[i
             )
         first = len(rows) - steps
         out.add_site(site)
-        every = trace.rows(site, sequence)
+        by_position = {(p, k): row for p, k, row in every}
         for t in range(steps):
             position, _, held = rows[first + t]
             pick = beam_indices[:, t]
@@ -148,7 +149,7 @@ def follow(trace: Trace, beam_indices, sequence: int = 0, ends: Sequence[tuple[i
                     "beam_indices or back-pointers of the run this trace recorded."
                 )
             for k in range(calls):
-                row = next(r[2] for r in every if r[0] == position and r[1] == k)
+                row = by_position[position, k]
                 chosen = row[pick.clamp(min=0)]
                 chosen = torch.where(valid[:, t, None, None], chosen, torch.zeros((), dtype=chosen.dtype))
                 out.add_rows(site, position, chosen[:, :, None].clone(), call=k)
