@@ -19,8 +19,9 @@ def read_what(spec, name: str, weights) -> str:
     return f"Spec {spec.name!r} read {what} at site {name!r}"
 
 
-def as_rows(spec, name: str, weights, first: bool, training: bool) -> torch.Tensor:
-    """Normalise to (batch, heads, queries, keys); the first call of a site is checked to be probabilities."""
+def as_rows(spec, name: str, weights, first: bool, training: bool, sinks: bool = False) -> torch.Tensor:
+    """Normalise to (batch, heads, queries, keys); the first call of a site is checked to be probabilities
+    (rows of a module with attention sinks may sum to less than 1: the rest went to the sinks)."""
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or not 2 <= weights.dim() <= 4:
         raise SpecError(f"{read_what(spec, name, weights)}. {EXPECTED}. If it is None, the module did not "
                         "return weights: the spec's force function must make it (e.g. need_weights=True), or "
@@ -34,7 +35,7 @@ def as_rows(spec, name: str, weights, first: bool, training: bool) -> torch.Tens
         live = ~torch.isnan(sums) & (sums != 0)
         negative = bool((w.nan_to_num(0) < -1e-4).any())
         over = bool((sums[live] > 1 + 1e-2).any())
-        under = bool((sums[live] < 1 - 1e-2).any())
+        under = not sinks and bool((sums[live] < 1 - 1e-2).any())
         if negative or over or under:
             hint = ("read the softmax output, not the scores or the attended values" if not training else
                     "the module is in train() mode, and its weights come after dropout: record in eval() mode "

@@ -431,7 +431,9 @@ class _Beside:
         weights = self.spec.rows(self.call, lo, hi)
         first = self.name not in self.recorder._checked
         self.recorder._checked.add(self.name)
-        weights = _calls.as_rows(self.spec, self.name, weights, first, False)
+        state = self.call.state
+        weights = _calls.as_rows(self.spec, self.name, weights, first, state.get("training", False),
+                                 state.get("sinks", False))
         self._block = (lo, weights)
         return weights[:, :, : want - lo]
 

@@ -71,6 +71,8 @@ class AttentionSpec:
             keys)`, computed beside the module's own call (which then runs untouched: no `force`). With
             `shape(call) -> (batch, heads, queries, keys)`, attnhook computes only the rows it keeps.
         shape: see `rows`.
+        declines: `declines(cls) -> bool`: a class that `match` matches but this spec leaves to others (for
+            example a wrapper whose inner module another spec records); the search goes on inside it.
         prepare: `prepare(session) -> undo`, run once per spec when recording begins, with `session.model`,
             `session.modules` (the selected modules this spec matched), `session.trace` and `session.step()`
             (call it at each step boundary the library knows); `undo()` runs on exit, after an exception
@@ -110,6 +112,7 @@ class AttentionSpec:
     memory: Callable[[Call], torch.Tensor | None] | None = None
     rows: Callable[[Call, int, int], torch.Tensor] | None = None
     shape: Callable[[Call], tuple[int, int, int, int]] | None = None
+    declines: Callable[[type], bool] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -124,7 +127,7 @@ class AttentionSpec:
         if not callable(self.read):
             raise SpecError(f"AttentionSpec {self.name!r}: read must be callable, got {self.read!r}.")
         for fname in ("force", "restore", "heads", "lengths", "start", "prepare", "valid", "query", "memory", "rows",
-                      "shape"):
+                      "shape", "declines"):
             value = getattr(self, fname)
             if value is not None and not callable(value):
                 raise SpecError(f"AttentionSpec {self.name!r}: {fname} must be callable or None, got {value!r}.")
@@ -216,6 +219,7 @@ def lookup(module: nn.Module) -> AttentionSpec | None:
 
 
 def _find(cls: type, ordered: list[AttentionSpec]) -> AttentionSpec | None:
+    ordered = [s for s in ordered if s.declines is None or not s.declines(cls)]
     for spec in ordered:
         if cls in spec._classes():
             return spec

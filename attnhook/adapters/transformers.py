@@ -3,36 +3,34 @@
 How weights come out, per site, in this order (decided before the model runs):
 
 1. **Attention interface.** The module (or one inside it) dispatches through `ALL_ATTENTION_FUNCTIONS`. The
-   config of that module is switched to the implementation `"attnhook"`, registered with transformers'
-   `AttentionInterface` together with the eager mask function under the same name. For the recorded modules it
-   calls the model's own `eager_attention_forward` (found in the module's own source file, so extra arguments
-   such as a position bias reach the function that understands them) and keeps the weights; every other
-   module of that config runs the implementation it had before (sdpa, or the model's eager).
+   model keeps the implementation it has (sdpa, eager, flash, ...) and computes exactly what it computes
+   without attnhook: the lookup hands back the same function, called with the same arguments
+   (`_hf_dispatch`). The weights are computed beside the call, for the query rows the trace keeps only, by
+   the eager function the module itself falls back to.
 2. **Declared outputs.** Modules that write attention by hand are named, with the index of their weights, in
    `_can_record_outputs` of their sub-model: a forward hook reads `output[index]`.
 3. **Legacy flag.** Modules whose `forward` takes `output_attentions` are called with it set, and the caller
-   gets `None` back in that slot if it did not ask.
+   gets `None` back in that slot if it did not ask. This is the one path that changes what runs;
+   `trace.meta["transformers"]["forced"]` lists its sites.
 
-Everything is restored on exit: configs get back their exact previous implementation, hooks are removed and
-the `"attnhook"` name leaves transformers' registries once no recording uses it.
+Everything is restored on exit: the lookups are patched only while some recording is active, and a
+recording's plan is found through a context variable, so other threads and other recordings never see it.
 """
 
 from __future__ import annotations
 
 import inspect
-import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
-
-IMPLEMENTATION = "attnhook"
+from . import _hf_dispatch
+from ._hf_dispatch import Part, eager_function
 
 # arguments that, when given, make an attention call a cross-attention call
 _CROSS_ARGS = ("encoder_hidden_states", "key_value_states", "cross_attention_states", "encoder_outputs")
@@ -40,21 +38,8 @@ _CROSS_ARGS = ("encoder_hidden_states", "key_value_states", "cross_attention_sta
 _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 
-_LOCK = threading.RLock()
-_USERS = {"count": 0}
-# Filled while recording, emptied on exit (plain dicts: looked up at every attention call).
-# module that calls the attention interface -> (slot of its site, the model's own eager function, give back)
-_EAGER: dict[nn.Module, tuple] = {}
-# id(config) -> implementation it had before recording
-_PREVIOUS: dict[int, str | None] = {}
-# recorded site module -> slot holding the weights of its current call
-_SLOTS: dict[nn.Module, "_Slot"] = {}
-_SDPA: dict = {}  # transformers' sdpa function, looked up when the implementation is registered
-
-
 # --- reading a call ------------------------------------------------------------------------------------
 _PARAMS: dict[type, dict[str, int]] = {}
-_KINDS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def _params(cls: type) -> dict[str, int]:
@@ -76,12 +61,14 @@ def _arg(module: nn.Module, args: tuple, kwargs: dict, name: str):
 
 def _kind(call: Call) -> str:
     """Cross-attention when the call brings keys from elsewhere (encoder states, key/value states). A module
-    keeps the kind of its first call."""
-    kind = _KINDS.get(call.module)
+    keeps the kind of its first call while it is recorded."""
+    plan = _plan_of(call.module)
+    kinds = plan.kinds if plan is not None else {}
+    kind = kinds.get(call.module)
     if kind is None:
         cross = any(_arg(call.module, call.args, call.kwargs, n) is not None for n in _CROSS_ARGS)
         cross = cross or getattr(call.module, "is_cross_attention", False) is True
-        kind = _KINDS[call.module] = "cross" if cross else "self"
+        kind = kinds[call.module] = "cross" if cross else "self"
     return kind
 
 
@@ -135,19 +122,17 @@ def _start(call: Call) -> int | None:
     return _past_length(call) if kind == "self" else None
 
 
-# modules whose layer of the cache has held tokens: their cache length is evidence of where a call stands
-_CACHING: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
 def _lengths(call: Call) -> tuple[int, int, int] | None:
     """Where a watched (unrecorded) call stands. Only a module whose own layer of the cache has been seen to
     hold tokens says it: a vision tower carries no cache, and a linear-attention layer of a hybrid stack
     gets the cache but its layer stays empty (length 0 at every step) — neither is evidence."""
     h = _hidden(call)
     start = _past_length(call) if _kind(call) == "self" else None
+    plan = _plan_of(call.module)
+    caching = plan.caching if plan is not None else set()  # modules whose layer of the cache held tokens
     if start:
-        _CACHING[call.module] = True
-    if h is None or start is None or call.module not in _CACHING:
+        caching.add(call.module)
+    if h is None or start is None or call.module not in caching:
         return None
     batch, queries = (h.shape[0], h.shape[1]) if h.dim() >= 3 else (1, h.shape[0])
     return batch, queries, start + queries
@@ -164,112 +149,72 @@ def _heads(module: nn.Module) -> int | None:
     return value if isinstance(value, int) else None
 
 
-# --- the registered implementation --------------------------------------------------------------------
-def _attention(module, query, key, value, attention_mask, **kwargs):
-    """`AttentionInterface` entry for `"attnhook"`: the model's eager function for recorded modules, the
-    previous implementation for the rest."""
-    hit = _EAGER.get(module)
-    if hit is not None:
-        slot, eager, give_back = hit
-        out, weights = eager(module, query, key, value, attention_mask, **kwargs)
-        slot.weights.append(weights)
-        return out, (weights if give_back else None)
-    return _previous_function(module)(module, query, key, value, attention_mask, **kwargs)
-
-
-def _previous_function(module):
-    if _PREVIOUS.get(id(getattr(module, "config", None))) == "eager":
-        eager = _eager_function(type(module))
-        if eager is not None:
-            return eager
-    # sdpa, or an implementation (flash, flex) whose mask format differs from the eager mask built now
-    return _SDPA["function"]
-
-
-def _eager_mask(*args, **kwargs):
-    from transformers.masking_utils import eager_mask
-
-    return eager_mask(*args, **kwargs)
-
-
-def _register_implementation() -> None:
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    with _LOCK:
-        if _USERS["count"] == 0:
-            _SDPA["function"] = AttentionInterface._global_mapping["sdpa"]
-            AttentionInterface.register(IMPLEMENTATION, _attention)
-            AttentionMaskInterface.register(IMPLEMENTATION, _eager_mask)
-        _USERS["count"] += 1
-
-
-def _unregister_implementation() -> None:
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    with _LOCK:
-        _USERS["count"] -= 1
-        if _USERS["count"] == 0:
-            AttentionInterface._global_mapping.pop(IMPLEMENTATION, None)
-            AttentionMaskInterface._global_mapping.pop(IMPLEMENTATION, None)
-
-
 _INTERFACE: dict[type, bool] = {}
 
 
 def _uses_interface(cls: type) -> bool:
-    """Whether the class dispatches its attention through `ALL_ATTENTION_FUNCTIONS.get_interface`."""
+    """Whether the class dispatches its attention through transformers' attention interface."""
     if cls not in _INTERFACE:
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            source = ""
-        _INTERFACE[cls] = "get_interface(" in source and _eager_function(cls) is not None
+        source = _source(cls)
+        _INTERFACE[cls] = ("get_interface(" in source or "ALL_ATTENTION_FUNCTIONS[" in source) and \
+            eager_function(cls) is not None
     return _INTERFACE[cls]
 
 
-_EAGER_FUNCTIONS: dict[type, Any] = {}
+def _source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
 
 
-def _eager_function(cls: type):
-    """The `eager_attention_forward` that the class's own forward would fall back to."""
-    if cls not in _EAGER_FUNCTIONS:
-        forward = inspect.unwrap(cls.forward)
-        _EAGER_FUNCTIONS[cls] = getattr(forward, "__globals__", {}).get("eager_attention_forward") or getattr(
-            sys.modules.get(cls.__module__), "eager_attention_forward", None)
-    return _EAGER_FUNCTIONS[cls]
+def _sdpa_only(cls: type) -> bool:
+    """A class picked at construction for sdpa (`...SdpaAttention`): it calls the fused kernel itself and
+    never has weights to give."""
+    return "Sdpa" in cls.__name__ and "scaled_dot_product_attention" in _source(cls)
+
+
+def _wraps_mha(cls: type) -> bool:
+    """An attention module of a model file that computes through a `torch.nn.MultiheadAttention` it holds
+    (Aria's projector): attnhook records the inner module instead."""
+    return not _uses_interface(cls) and "MultiheadAttention(" in _source(cls)
 
 
 # --- per-recording state ----------------------------------------------------------------------------------
 @dataclass
 class _Slot:
-    """The weights captured during the current call of one recorded site."""
+    """The attention calls made during the current call of one recorded site."""
 
     recording: "_Recording"
     module: nn.Module
     how: str
     token_decoder: bool
-    weights: list = field(default_factory=list)
+    parts: list = field(default_factory=list)
     released: bool = False
 
-    def take(self) -> torch.Tensor | None:
-        got, self.weights = self.weights, []
-        if not got:
-            return None
-        if len(got) == 1:
-            return got[0]
-        if all(w.shape[0] == 1 for w in got):  # one call per packed chunk (Qwen2-VL vision): block diagonal
-            heads = got[0].shape[1]
-            q = sum(w.shape[2] for w in got)
-            k = sum(w.shape[3] for w in got)
-            out = got[0].new_zeros(1, heads, q, k)
-            i = j = 0
-            for w in got:
-                out[:, :, i:i + w.shape[2], j:j + w.shape[3]] = w
-                i, j = i + w.shape[2], j + w.shape[3]
-            return out
-        return torch.cat(got, dim=2)
+    def take(self) -> list[Part]:
+        got, self.parts = self.parts, []
+        return got
+
+
+def _assemble(parts: list[Part]) -> tuple[tuple[int, int, int, int], bool]:
+    """The shape of the site's weights, and whether the parts are packed chunks (one call per image of a
+    packed vision batch, Qwen2-VL): laid out block diagonally."""
+    shapes = [p.shape for p in parts]
+    if len(shapes) == 1:
+        return shapes[0], False
+    heads = shapes[0][1]
+    if all(s[0] == 1 for s in shapes):
+        return (1, heads, sum(s[2] for s in shapes), sum(s[3] for s in shapes)), True
+    return (shapes[0][0], heads, sum(s[2] for s in shapes), shapes[0][3]), False
+
+
+def _plan_of(module: nn.Module):
+    """The active recording plan of this context that holds `module`, or None."""
+    for plan in _hf_dispatch._PLANS.get():
+        if plan.active and module in plan.modules:
+            return plan
+    return None
 
 
 class _Recording:
@@ -281,16 +226,22 @@ class _Recording:
         self.keep_all = session.rows == "all"
         self.session = session
         self.handles: list = []
-        self.configs: dict[int, tuple[Any, Any]] = {}
-        self.eager: list[nn.Module] = []
-        self.slots: list[nn.Module] = []
+        self.plan = _hf_dispatch.Plan()
+        self.slots: dict[nn.Module, _Slot] = {}
+        self.forced: list[str] = []
+        self.sinks: list[str] = []
         self.depth = 0  # PreTrainedModel forwards now running
         self.generating = False  # the outermost forward was called as generate() calls it
         self.ids_length: int | None = None
         self.image_found = False
         self.thw: list | None = None
-        self.registered = False
+        self.active = False
+        self.thread = threading.get_ident()
         self.names = {m: n for n, m in self.model.named_modules()}
+        self.plan.modules = self.names
+        self.plan.recording = self
+        self.plan.kinds = {}
+        self.plan.caching = set()  # modules whose layer of the cache has held tokens
         self.models: list | None = None
         self.words = _word_embeddings(self.model)
         config = getattr(self.model, "config", None)
@@ -300,17 +251,34 @@ class _Recording:
                                                                       "perceiver_config"))
 
     # planning: decide how each site gives its weights, before anything runs
-    def plan(self, site: nn.Module) -> None:
+    def plan_site(self, site: nn.Module) -> None:
+        name = self.names.get(site, "?")
+        if _sdpa_only(type(site)):
+            raise RecordingError(
+                f"{type(site).__name__} ({name}) was built as an sdpa-only class: it calls torch's fused kernel "
+                "itself and never has weights to give. Build the model with attn_implementation='eager' for that "
+                "part (e.g. from_pretrained(..., attn_implementation='eager')), or leave the site out with "
+                "record(model, sites=...).")
         owners = self._owners(site)
         token_decoder = bool(owners) and self.words is not None and _word_embeddings(owners[0]) is self.words
+        if getattr(site, "sinks", None) is not None:
+            self.sinks.append(name)
         callers = [m for m in site.modules() if _uses_interface(type(m))
-                   and hasattr(getattr(m, "config", None), "_attn_implementation_internal")]
+                   and isinstance(getattr(getattr(m, "config", None), "_attn_implementation", None), (str, type(None)))]
         if callers:
             slot = _Slot(self, site, "interface", token_decoder)
             for m in callers:
-                self.configs.setdefault(id(m.config), (m.config, m.config._attn_implementation_internal))
-                self.eager.append(m)
-                _EAGER[m] = (slot, _eager_function(type(m)), m.config._attn_implementation_internal == "eager")
+                impl = m.config._attn_implementation
+                if isinstance(impl, str) and "flex" in impl:
+                    raise RecordingError(
+                        f"{type(m).__name__} ({self.names.get(m, '?')}) runs attn_implementation={impl!r}, whose "
+                        "BlockMask attnhook cannot read to compute the weights beside the call. Load the model with "
+                        "attn_implementation='sdpa' (or 'eager') for recording, or leave the site out with "
+                        "record(model, sites=...).")
+                if impl in (None, "eager") and "get_interface(" not in _source(type(m)):
+                    self._capture(slot, m, 1)  # transformers 4: eager is called directly and returns weights
+                else:
+                    self.plan.callers[m] = slot
             self._add_slot(site, slot)
             return
         declared = self._declared(site, owners)
@@ -328,9 +296,9 @@ class _Recording:
             return
         owner = type(owners[0]).__name__ if owners else type(self.model).__name__
         raise RecordingError(
-            f"Cannot make {type(site).__name__} ({self.names.get(site, '?')}) hand over its attention weights. "
+            f"Cannot make {type(site).__name__} ({name}) hand over its attention weights. "
             f"Tried: (1) transformers' attention interface: neither it nor a module inside it calls "
-            f"ALL_ATTENTION_FUNCTIONS.get_interface with an eager_attention_forward to fall back to; (2) declared "
+            f"ALL_ATTENTION_FUNCTIONS with an eager function to fall back to; (2) declared "
             f"outputs: `_can_record_outputs` of {owner} names no attention output inside it; (3) legacy flag: its "
             "forward takes no `output_attentions`. Leave it out with record(model, sites=...) selecting other "
             "sites, or describe it with attnhook.register(attnhook.AttentionSpec(name, match=ItsClass, "
@@ -338,15 +306,14 @@ class _Recording:
         )
 
     def _add_slot(self, site: nn.Module, slot: _Slot) -> None:
-        _SLOTS[site] = slot
-        self.slots.append(site)
+        self.slots[site] = slot
 
         def fresh(*_):
-            if slot.weights:  # the last call was never read: the recorder dropped the site (not the kind asked)
+            if slot.parts:  # the last call was never read: the recorder dropped the site (not the kind asked)
                 slot.released = True
-                for module in [m for m, hit in _EAGER.items() if hit[0] is slot]:
-                    _EAGER.pop(module, None)  # back to the previous implementation
-            slot.weights.clear()
+                for module in [m for m, s in self.plan.callers.items() if s is slot]:
+                    del self.plan.callers[module]  # nothing is seen beside it any more
+            slot.parts.clear()
 
         self.handles.append(site.register_forward_pre_hook(fresh, prepend=True))
 
@@ -362,7 +329,7 @@ class _Recording:
 
     def _declared(self, site: nn.Module, owners: list[nn.Module]) -> list[tuple[nn.Module, int]]:
         """Modules inside `site` that a sub-model declares as returning attention weights, with the index."""
-        from transformers.utils.output_capturing import OutputRecorder
+        OutputRecorder = _output_recorder()
 
         for owner in owners:
             recorders = []
@@ -392,10 +359,12 @@ class _Recording:
     def _capture(self, slot: _Slot, module: nn.Module, index: int) -> None:
         """Hook `module` so that its `output[index]` goes to the slot, forcing `output_attentions` if it has it."""
         flag = "output_attentions" in _params(type(module))
+        if flag:
+            self.forced.append(self.names.get(slot.module, "?"))
         asked: list[bool] = []
 
         def before(mod, args, kwargs):
-            if not flag or slot.released:
+            if not flag or slot.released or not self.mine():
                 return None
             asked.append(bool(_arg(mod, args, kwargs, "output_attentions")))
             sig = inspect.signature(type(mod).forward)
@@ -404,9 +373,11 @@ class _Recording:
             return bound.args[1:], bound.kwargs
 
         def after(mod, args, kwargs, output):
+            if not self.mine():
+                return None
             weights = output[index] if isinstance(output, (tuple, list)) else None
-            if weights is not None and not slot.released:
-                slot.weights.append(weights)
+            if isinstance(weights, torch.Tensor) and not slot.released:
+                slot.parts.append(Part(weights=weights))
             if flag and asked and not slot.released and not asked.pop() and isinstance(output, tuple):
                 return output[:index] + (None,) + output[index + 1:]
             return None
@@ -419,12 +390,8 @@ class _Recording:
     def install(self) -> None:
         from transformers import PreTrainedModel
 
-        if self.configs:
-            _register_implementation()
-            self.registered = True
-            for key, (config, previous) in self.configs.items():
-                _PREVIOUS[key] = previous
-                config._attn_implementation_internal = IMPLEMENTATION
+        _hf_dispatch.activate(self.plan)
+        self.active = True
         for module in self.names:
             if isinstance(module, PreTrainedModel):
                 self.handles.append(module.register_forward_pre_hook(self._see_inputs, with_kwargs=True))
@@ -436,27 +403,29 @@ class _Recording:
         if head is not None:  # each call of the LM head ends one decoding step (steps are counted there)
             self.handles.append(head.register_forward_hook(lambda *_: self.session.step()))
             self.session.steps_known()
-        self.trace.meta.setdefault("transformers", {})["sites"] = {
-            self.names[s]: _SLOTS[s].how for s in self.slots}
+        meta = self.trace.meta.setdefault("transformers", {})
+        meta["sites"] = {self.names[s]: slot.how for s, slot in self.slots.items()}
+        if self.forced:  # these sites run with output_attentions=True: what they compute may differ
+            meta["forced"] = sorted(set(self.forced))
+        if self.sinks:  # rows sum to less than 1: the rest went to the attention sinks
+            meta["sinks"] = sorted(self.sinks)
+
+    def mine(self) -> bool:
+        return threading.get_ident() == self.thread
 
     def undo(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for module in self.eager:
-            _EAGER.pop(module, None)
-        for site in self.slots:
-            _SLOTS.pop(site, None)
-        for key, (config, previous) in self.configs.items():
-            config._attn_implementation_internal = previous
-            _PREVIOUS.pop(key, None)
-        self.configs.clear()
-        if self.registered:
-            self.registered = False
-            _unregister_implementation()
+        if self.active:
+            self.active = False
+            _hf_dispatch.deactivate(self.plan)
+        self.slots.clear()
 
     # what the forwards say
     def _enter(self, module, args, kwargs):
+        if not self.mine():
+            return
         if self.depth == 0:
             cache = next((_arg(module, args, kwargs, n) for n in _CACHE_ARGS
                           if _arg(module, args, kwargs, n) is not None), None)
@@ -467,6 +436,8 @@ class _Recording:
         self.depth += 1
 
     def _leave(self, module, args, output):
+        if not self.mine():
+            return
         self.depth = max(self.depth - 1, 0)
 
     def token_rows_only(self) -> bool:
@@ -474,6 +445,9 @@ class _Recording:
         return not self.keep_all and self.generating
 
     def _see_inputs(self, module, args, kwargs):
+        if not self.mine():
+            return
+
         def named(name):
             return _arg(module, args, kwargs, name)
 
@@ -547,6 +521,15 @@ class _Recording:
         self._image_keys(torch.ones(batch, queries - self.ids_length, dtype=torch.bool), "prepended")
 
 
+def _output_recorder() -> type:
+    """transformers' `OutputRecorder` (moved from `utils.generic` to `utils.output_capturing` in 5.0)."""
+    try:
+        from transformers.utils.output_capturing import OutputRecorder
+    except ImportError:
+        from transformers.utils.generic import OutputRecorder
+    return OutputRecorder
+
+
 def _returns_tuple(cls: type) -> bool:
     annotation = inspect.signature(cls.forward).return_annotation
     return annotation not in (torch.Tensor, "torch.Tensor", "Tensor")
@@ -571,7 +554,7 @@ def _prepare(session):
     recording = _Recording(session)
     try:
         for site in session.modules:
-            recording.plan(site)
+            recording.plan_site(site)
         recording.install()
     except BaseException:
         recording.undo()
@@ -579,37 +562,72 @@ def _prepare(session):
     return recording.undo
 
 
-def _read(call: Call) -> torch.Tensor:
-    slot = _SLOTS.get(call.module)
-    weights = slot.take() if slot is not None else None
-    if weights is None:
+def _slot_of(module: nn.Module) -> _Slot | None:
+    plan = _plan_of(module)
+    return plan.recording.slots.get(module) if plan is not None else None
+
+
+def _shape(call: Call) -> tuple[int, int, int, int]:
+    """The weights' shape as the trace keeps them; what `_rows` needs goes to `call.state`."""
+    slot = _slot_of(call.module)
+    parts = slot.take() if slot is not None else []
+    if not parts:
         raise SpecError(
             f"{type(call.module).__name__} ran without handing over attention weights "
             f"(capture by {slot.how if slot else 'nothing set up'}). It did not reach transformers' attention "
             "interface this time; if it has several code paths, record it with a spec of its own "
             "(attnhook.register(attnhook.AttentionSpec(...)))."
         )
-    if call.state.get("kind", "self") != "self":
-        return weights
-    queries, keys = weights.shape[-2], weights.shape[-1]
-    start = call.state.get("start")
-    if start is not None and keys > start + queries:  # static cache: drop the slots not filled yet
-        weights = weights[..., :start + queries]
-        keys = start + queries
-    if slot.token_decoder and (start or 0) == 0:
-        slot.recording.prepended(queries, weights.shape[0])
-    # generated-token rows, by decoding position: of a prompt call that carries the decoding cache, only the
-    # last row writes a token (a vision tower inside the token model carries no cache and keeps every row)
-    if slot.token_decoder and start is not None and queries > 1 and slot.recording.token_rows_only():
-        call.state["start"] = start + queries - 1
-        weights = weights[:, :, queries - 1:]
-    return weights
+    (batch, heads, queries, keys), packed = _assemble(parts)
+    offset = 0
+    if call.state.get("kind", "self") == "self":
+        start = call.state.get("start")
+        if start is not None and keys > start + queries:  # static cache: drop the slots not filled yet
+            keys = start + queries
+        if slot.token_decoder and (start or 0) == 0:
+            slot.recording.prepended(queries, batch)
+        # generated-token rows, by decoding position: of a prompt call that carries the decoding cache, only the
+        # last row writes a token (a vision tower inside the token model carries no cache and keeps every row)
+        if slot.token_decoder and start is not None and queries > 1 and slot.recording.token_rows_only():
+            call.state["start"] = start + queries - 1
+            offset, queries = queries - 1, 1
+    call.state.update(parts=parts, packed=packed, offset=offset, keys=keys,
+                      sinks=getattr(slot.module, "sinks", None) is not None,
+                      # weights the module returned itself in train() mode come after its dropout
+                      training=call.module.training and slot.how != "interface")
+    return batch, heads, queries, keys
+
+
+def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
+    """Weights of the kept query rows `lo:hi`, computed beside the call (or sliced from what it returned)."""
+    parts, offset, keys = call.state["parts"], call.state["offset"], call.state["keys"]
+    lo, hi = lo + offset, hi + offset
+    if len(parts) == 1:
+        return parts[0].rows(lo, hi)[..., :keys]
+    whole = [p.rows(0, p.shape[2]) for p in parts]
+    if not call.state["packed"]:
+        return torch.cat(whole, dim=2)[:, :, lo:hi, :keys]
+    (batch, heads, queries, total), _ = _assemble(parts)
+    out = whole[0].new_zeros(batch, heads, queries, total)
+    i = j = 0
+    for w in whole:  # one call per packed chunk: block diagonal
+        out[:, :, i:i + w.shape[2], j:j + w.shape[3]] = w
+        i, j = i + w.shape[2], j + w.shape[3]
+    return out[:, :, lo:hi, :keys]
+
+
+def _declines(cls: type) -> bool:
+    """Classes named like attention that another spec records better: a wrapper of the torch module."""
+    return _wraps_mha(cls)
 
 
 TRANSFORMERS = AttentionSpec(
     name="transformers",
     match=("transformers.models.*Attention", "transformers_modules.*Attention"),
-    read=_read,
+    read=lambda call: _rows(call, 0, _shape(call)[2]),
+    rows=_rows,
+    shape=_shape,
+    declines=_declines,
     kind=_kind,
     heads=_heads,
     lengths=_lengths,

@@ -1,0 +1,254 @@
+"""Hugging Face attention calls seen beside the model's own kernel, and their weights computed on the side.
+
+While a recording is active, `AttentionInterface` lookups (`ALL_ATTENTION_FUNCTIONS.get_interface(impl,
+fallback)` in transformers 5, `ALL_ATTENTION_FUNCTIONS[impl]` in 4.x) made *in a context that records* return a
+`_Dispatch`: it calls exactly the function transformers would have returned, with the same arguments, returns
+its output untouched, and hands the query, key and mask of the planned modules to their site's slot. The model
+computes what it computes without attnhook, bit for bit.
+
+The weights are computed afterwards, only for the query rows the trace keeps, by the model's own eager
+function — the fallback the module passed to `get_interface` (so a vision tower's own eager function, softcap,
+sinks, a position bias all apply) — with the mask converted to the eager format and dropout off.
+
+Plans are found through a context variable: a recording in another thread (or in no thread) never sees them,
+and calls from other threads run the original function without a look at any plan.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import re
+import sys
+import threading
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import RecordingError
+
+_PLANS: contextvars.ContextVar[tuple] = contextvars.ContextVar("attnhook_hf_plans", default=())
+_LOCK = threading.Lock()
+_PATCH: dict[str, Any] = {"count": 0}
+
+
+class Part:
+    """One call of the attention function inside a recorded site: the weights it returned (eager), or what
+    is needed to compute them (the function's own inputs and the eager fallback)."""
+
+    __slots__ = ("weights", "module", "eager", "query", "key", "value", "mask", "args", "kwargs")
+
+    def __init__(self, weights=None, module=None, eager=None, query=None, key=None, value=None, mask=None,
+                 args=(), kwargs=None):
+        self.weights, self.module, self.eager = weights, module, eager
+        self.query, self.key, self.value, self.mask = query, key, value, mask
+        self.args, self.kwargs = args, kwargs or {}
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        if self.weights is not None:
+            return tuple(self.weights.shape)
+        q, k = self.query, self.key
+        return q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Weights `(batch, heads, hi - lo, keys)` of query rows `lo:hi`."""
+        if self.weights is not None:
+            return self.weights[:, :, lo:hi]
+        return _side(self, lo, hi)
+
+
+class Plan:
+    """The modules one recording watches: caller module -> the slot that collects its calls."""
+
+    def __init__(self):
+        self.callers: dict[nn.Module, Any] = {}
+        self.active = True
+
+
+class _Dispatch:
+    """What a lookup returns while this context records: the looked-up function, called as it is."""
+
+    __slots__ = ("fn", "default")
+
+    def __init__(self, fn: Callable, default: Callable | None):
+        self.fn, self.default = fn, default
+
+    def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
+        out = self.fn(module, query, key, value, attention_mask, *args, **kwargs)
+        slot = _slot(module)
+        if slot is not None:
+            eager = self.default or eager_function(type(module))
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            dropping = module.training and bool(kwargs.get("dropout"))  # eager weights would come after dropout
+            if self.fn is eager and isinstance(weights, torch.Tensor) and not dropping:
+                slot.parts.append(Part(weights=weights))
+            elif eager is None:
+                raise RecordingError(
+                    f"{type(module).__name__} passed no eager function to transformers' attention interface "
+                    "and its file defines no eager_attention_forward: attnhook cannot compute its weights. Leave "
+                    "the site out with record(model, sites=...), or describe it with an AttentionSpec.")
+            else:
+                slot.parts.append(Part(None, module, eager, query, key, value, attention_mask, args, kwargs))
+        return out
+
+
+def _slot(module):
+    for plan in _PLANS.get():
+        if plan.active:
+            slot = plan.callers.get(module)
+            if slot is not None:
+                return slot
+    return None
+
+
+# --- switching the lookups on and off ------------------------------------------------------------------
+def activate(plan: Plan) -> None:
+    """Make this context's lookups see `plan` (and patch the lookups if no other recording has)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    with _LOCK:
+        if _PATCH["count"] == 0:
+            _PATCH["getitem"] = AttentionInterface.__dict__.get("__getitem__")
+            _PATCH["get_interface"] = AttentionInterface.__dict__.get("get_interface")
+            getitem = AttentionInterface.__getitem__
+
+            def __getitem__(self, key):
+                fn = getitem(self, key)
+                return _Dispatch(fn, None) if _PLANS.get() and callable(fn) else fn
+
+            AttentionInterface.__getitem__ = __getitem__
+            original = getattr(AttentionInterface, "get_interface", None)
+            if original is not None:
+                def get_interface(self, attn_implementation, default):
+                    fn = original(self, attn_implementation, default)
+                    if not _PLANS.get():
+                        return fn
+                    if isinstance(fn, _Dispatch):
+                        return _Dispatch(fn.fn, default)
+                    return _Dispatch(fn, default)
+
+                AttentionInterface.get_interface = get_interface
+        _PATCH["count"] += 1
+    _PLANS.set(_PLANS.get() + (plan,))
+
+
+def deactivate(plan: Plan) -> None:
+    """Undo `activate`: safe to call from any context, and more than once."""
+    from transformers.modeling_utils import AttentionInterface
+
+    if not plan.active:
+        return
+    plan.active = False
+    plan.callers.clear()
+    _PLANS.set(tuple(p for p in _PLANS.get() if p is not plan))
+    with _LOCK:
+        _PATCH["count"] -= 1
+        if _PATCH["count"] == 0:
+            for name in ("getitem", "get_interface"):
+                attr = "__getitem__" if name == "getitem" else name
+                previous = _PATCH.pop(name, None)
+                if previous is None:
+                    if attr in AttentionInterface.__dict__:
+                        delattr(AttentionInterface, attr)
+                else:
+                    setattr(AttentionInterface, attr, previous)
+
+
+def patched() -> bool:
+    """Whether the lookups are patched now (some recording is active)."""
+    return _PATCH["count"] > 0
+
+
+# --- the model's eager function ---------------------------------------------------------------------------
+_EAGER: dict[type, Any] = {}
+_ASSIGNED = re.compile(r"attention_interface\s*(?::\s*[\w\[\]., ]+)?=\s*(\w+)\s*$", re.M)
+
+
+def eager_function(cls: type):
+    """The eager function `cls.forward` falls back to: the one it passes to `get_interface`, or assigns to
+    `attention_interface` before looking up another (transformers 4.x), or its file's `eager_attention_forward`."""
+    if cls not in _EAGER:
+        forward = inspect.unwrap(cls.forward)
+        scope = getattr(forward, "__globals__", {})
+        try:
+            source = inspect.getsource(forward)
+        except (OSError, TypeError):
+            source = ""
+        names = re.findall(r"get_interface\(\s*[\w.]+\s*,\s*(\w+)", source) + _ASSIGNED.findall(source)
+        names.append("eager_attention_forward")
+        module = sys.modules.get(cls.__module__)
+        found = None
+        for name in names:
+            found = scope.get(name) or getattr(module, name, None)
+            if callable(found):
+                break
+        _EAGER[cls] = found if callable(found) else None
+    return _EAGER[cls]
+
+
+# --- computing the kept rows on the side --------------------------------------------------------------------
+_NO_VALUES: dict[Any, bool] = {}  # eager function -> whether it runs with zero-width values
+
+
+def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
+    query = part.query[:, :, lo:hi]
+    mask = eager_mask(part.mask, part.query, part.key, lo, hi, part.module, part.kwargs)
+    queries, keys = part.query.shape[2], part.key.shape[2]
+
+    def rows_of(value):  # a per-row bias beside the mask (T5's position bias): its rows too
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-2] == queries \
+                and value.shape[-1] == keys and queries > 1:
+            return value[:, :, lo:hi]
+        return value
+
+    kwargs = {k: rows_of(v) for k, v in part.kwargs.items()}
+    args = tuple(rows_of(a) for a in part.args)
+    if "dropout" in kwargs:
+        kwargs["dropout"] = 0.0  # the probabilities, before dropout; dropout with p=0 draws no random numbers
+    with torch.no_grad():
+        narrow = _NO_VALUES.get(part.eager, True)
+        if narrow:  # only the weights are needed: give the values no width, the weighted sum costs nothing
+            try:
+                _, weights = part.eager(part.module, query, part.key, part.value[..., :0], mask, *args, **kwargs)
+                _NO_VALUES[part.eager] = True
+                return weights
+            except RuntimeError:
+                _NO_VALUES[part.eager] = False
+        _, weights = part.eager(part.module, query, part.key, part.value, mask, *args, **kwargs)
+    return weights
+
+
+def eager_mask(mask, query: torch.Tensor, key: torch.Tensor, lo: int, hi: int, module, kwargs) -> torch.Tensor | None:
+    """The mask of rows `lo:hi` in the eager format (additive, 0 where attended, the dtype's min elsewhere),
+    from the mask the model built for its implementation (sdpa's boolean 4D mask or None, flash's 2D padding
+    mask, or an additive mask)."""
+    queries, keys = query.shape[2], key.shape[2]
+    dtype = query.dtype
+    low = torch.finfo(dtype).min
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    if mask is None:
+        if queries > 1 and causal:  # sdpa's is_causal: top-left aligned (the query and key counts agree here)
+            i = torch.arange(lo, hi, device=query.device)[:, None]
+            j = torch.arange(keys, device=query.device)[None, :]
+            return torch.where(j <= i, torch.zeros((), dtype=dtype, device=query.device), low)[None, None]
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise RecordingError(
+            f"{type(module).__name__} was given a {type(mask).__name__} attention mask, which attnhook cannot "
+            "read to compute the weights beside the call. Load the model with attn_implementation='sdpa' or "
+            "'eager' for recording (the model then computes with that implementation).")
+    if mask.dim() == 2:  # flash: (batch, keys) padding, causal aligned bottom-right
+        allowed = mask.bool()[:, None, None, :keys]
+        if queries > 1 and causal:
+            i = torch.arange(lo, hi, device=query.device)[:, None] + (keys - queries)
+            j = torch.arange(keys, device=query.device)[None, :]
+            allowed = allowed & (j <= i)[None, None]
+        return torch.where(allowed, torch.zeros((), dtype=dtype, device=query.device), low)
+    if mask.dim() == 4 and mask.shape[-2] == queries:
+        mask = mask[:, :, lo:hi]
+    if mask.dtype == torch.bool:
+        return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), low)
+    return mask
