@@ -161,11 +161,20 @@ def _uses_interface(cls: type) -> bool:
     return _INTERFACE[cls]
 
 
+_SOURCES: dict[type, str] = {}
+
+
 def _source(cls: type) -> str:
-    try:
-        return inspect.getsource(cls)
-    except (OSError, TypeError):
-        return ""
+    """The source of the class's `forward` and `__init__` (inherited ones included)."""
+    if cls not in _SOURCES:
+        parts = []
+        for fn in (cls.forward, cls.__init__):
+            try:
+                parts.append(inspect.getsource(inspect.unwrap(fn)))
+            except (OSError, TypeError):
+                pass
+        _SOURCES[cls] = "\n".join(parts)
+    return _SOURCES[cls]
 
 
 def _sdpa_only(cls: type) -> bool:

@@ -1,0 +1,310 @@
+"""Recording that changes nothing: Hugging Face models keep their own attention kernel, and the kept rows are
+computed beside it by the module's own eager fallback."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+import attnhook as ah  # noqa: E402
+from attnhook.adapters import _hf_dispatch  # noqa: E402
+from attnhook.errors import AttnHookWarning, RecordingError  # noqa: E402
+from test_hf_matrix import CASES, SMALL, V, VISION, hooks, implementations, llava, ved_gpt2  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
+
+GREEDY = {"max_new_tokens": 4, "do_sample": False, "no_repeat_ngram_size": 1, "output_scores": True,
+          "return_dict_in_generate": True}
+
+
+def unpatched() -> bool:
+    return "__getitem__" not in AttentionInterface.__dict__ and _hf_dispatch._PLANS.get() == () and \
+        not _hf_dispatch.patched()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("build", [llava, ved_gpt2], ids=["llava", "ved_gpt2"])
+def test_outputs_are_bit_identical(build, dtype):
+    case = build()
+    model = case.model.to(dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in case.inputs.items()}
+    ref = model.generate(**inputs, **GREEDY)
+    with ah.record(model, sites="all") as trace:
+        out = model.generate(**inputs, **GREEDY)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores, strict=True))
+    assert trace.sites and all(trace.weights(s).dtype == dtype for s in trace.sites)
+    assert unpatched()
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_rows_beside_sdpa_equal_the_models_eager_weights(arch):
+    """The same generation recorded under sdpa (weights computed beside the call) and under eager (the
+    weights the model's eager attention returns itself): equal within 1e-5."""
+    model, inputs, sites = (c := CASES[arch]()).model, c.inputs, c.sites
+    if not any(getattr(m.config, "_attn_implementation", None) == "sdpa" for m in model.modules()
+               if hasattr(m, "config")):
+        pytest.skip(f"{arch} has no sdpa path")
+    with ah.record(model, sites=sites) as beside:
+        a = model.generate(**inputs, **GREEDY)
+    model.set_attn_implementation("eager")
+    with ah.record(model, sites=sites) as returned:
+        b = model.generate(**inputs, **GREEDY)
+    assert torch.equal(a.sequences, b.sequences)
+    assert [s.name for s in beside.sites] == [s.name for s in returned.sites]
+    for site in beside.sites:
+        torch.testing.assert_close(beside.weights(site), returned.weights(site), atol=1e-5, rtol=0)
+
+
+def test_rows_equal_a_plain_hook_on_the_eager_model():
+    """Independent reference: a hand-written hook on the eager model's last layer, last query row per call."""
+    case = llava(batch=2)
+    model = case.model
+    site = "model.language_model.layers.1.self_attn"
+    with ah.record(model, sites=site) as trace:
+        out = model.generate(**case.inputs, **GREEDY)
+    model.set_attn_implementation("eager")
+    seen = []
+    handle = model.get_submodule(site).register_forward_hook(lambda m, a, o: seen.append(o[1][:, :, -1]))
+    try:
+        ref = model.generate(**case.inputs, **GREEDY)
+    finally:
+        handle.remove()
+    assert torch.equal(out.sequences, ref.sequences)
+    w = trace.weights(site)  # (batch, steps, heads, keys), keys padded to the longest row
+    assert w.shape[1] == len(seen)
+    for t, row in enumerate(seen):
+        torch.testing.assert_close(w[:, t, :, : row.shape[-1]], row, atol=1e-5, rtol=0)
+
+
+def test_a_training_step_is_bit_identical_and_records_probabilities_before_dropout():
+    case = llava(batch=2)
+    model = case.model
+    for config in (model.config.text_config, model.config.vision_config):
+        config.attention_dropout = 0.3
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.3
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = 0.3
+    labels = case.inputs["input_ids"].clone()
+
+    def step():
+        model.zero_grad()
+        torch.manual_seed(1)
+        loss = model(**case.inputs, labels=labels).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    loss, grads = step()
+    site = "model.vision_tower.encoder.layers.0.self_attn"
+    with ah.record(model, sites=site) as trace:
+        again, grads_again = step()
+    assert torch.equal(loss, again)
+    assert len(grads) == len(grads_again) and all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+    # layer 0 of the vision tower sees no dropout before it: its probabilities equal the eval-mode eager ones
+    model.eval()
+    model.set_attn_implementation("eager")
+    seen = []
+    handle = model.get_submodule(site).register_forward_hook(lambda m, a, o: seen.append(o[1]))
+    try:
+        model(**case.inputs)
+    finally:
+        handle.remove()
+    w = trace.weights(site)  # (images, patches, heads, patches)
+    torch.testing.assert_close(w, seen[0].transpose(1, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:3]))
+
+
+def test_rows_of_a_model_with_attention_sinks_keep_the_sink_mass():
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=2,
+                                       num_experts_per_tok=1, max_position_embeddings=64, sliding_window=8,
+                                       layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+                                       eos_token_id=2, bos_token_id=1)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(1.0)  # a sink that takes a visible share
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    ref = model.generate(ids, **GREEDY)
+    with ah.record(model, sites="self") as trace:
+        out = model.generate(ids, **GREEDY)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores, strict=True))
+    assert trace.meta["transformers"]["sinks"] == [s.name for s in trace.sites]
+    model.set_attn_implementation("eager")
+    with ah.record(model, sites="self") as returned:
+        model.generate(ids, **GREEDY)
+    for site in trace.sites:
+        w, lengths = trace.weights(site), trace.key_lengths(site)
+        sums = torch.stack([w[:, t, :, : lengths[t]].sum(-1) for t in range(w.shape[1])])
+        assert (sums < 0.99).all() and (sums > 0).all()  # the rest went to the sink
+        torch.testing.assert_close(w, returned.weights(site), atol=1e-5, rtol=0)
+
+
+# --- a remote-code model that passes its own eager fallback ---------------------------------------------------
+def eager_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    raise AssertionError("the file's eager_attention_forward is not the fallback this module passes")
+
+
+def sharp_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A fallback with its own math: three times sharper than sdpa."""
+    weights = (3 * scaling * query @ key.transpose(2, 3)).softmax(-1)
+    return (weights @ value).transpose(1, 2), weights
+
+
+class RemoteAttention(torch.nn.Module):
+    def __init__(self, config, style: str):
+        super().__init__()
+        self.config, self.style, self.scaling, self.is_causal = config, style, 8 ** -0.5, False
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, hidden_states):
+        b, n, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        if self.style == "get_interface":
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sharp_eager)
+        else:  # transformers 4.x style
+            attention_interface = sharp_eager
+            if self.config._attn_implementation != "eager":
+                attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, weights = attention_interface(self, q, k, v, None, scaling=self.scaling)
+        return out.reshape(b, n, 32), weights
+
+
+RemoteAttention.__module__ = "transformers_modules.remote.modeling_remote"
+
+
+@pytest.mark.parametrize("style", ["get_interface", "getitem"])
+def test_weights_follow_the_fallback_the_module_passes(style):
+    torch.manual_seed(0)
+    config = transformers.PretrainedConfig()
+    config._attn_implementation = "sdpa"
+    module = RemoteAttention(config, style)
+    x = torch.randn(2, 5, 32)
+    ref = module(x)
+    with ah.record(module) as trace:
+        out = module(x)
+    assert torch.equal(out[0], ref[0]) and out[1] is None  # sdpa ran, as without attnhook
+    q, k, _ = module.qkv(x).view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    expected = (3 * 8 ** -0.5 * q @ k.transpose(2, 3)).softmax(-1)
+    torch.testing.assert_close(trace.weights(trace.sites[0]), expected.transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_an_sdpa_only_class_is_refused_before_the_model_runs():
+    torch.manual_seed(0)
+    config = transformers.SamVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                          intermediate_size=37, image_size=32, patch_size=8, output_channels=16,
+                                          window_size=0, global_attn_indexes=[0], mlp_dim=37)
+    config._attn_implementation = "sdpa"
+    encoder = transformers.models.sam.modeling_sam.SamVisionEncoder(config).eval()
+    assert type(encoder.layers[0].attn).__name__ == "SamVisionSdpaAttention"
+    calls = []
+    encoder.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(RecordingError, match=r"sdpa-only class.*attn_implementation='eager'"):
+        with ah.record(encoder):
+            encoder(torch.randn(1, 3, 32, 32))
+    assert calls == [] and unpatched()
+
+
+def test_a_wrapper_of_multihead_attention_is_recorded_through_the_inner_module():
+    torch.manual_seed(0)
+    config = transformers.AriaConfig(vision_config={"model_type": "idefics3_vision", **VISION},
+                                     text_config={"model_type": "aria_text", **SMALL, "vocab_size": V})
+    attention = transformers.models.aria.modeling_aria.AriaCrossAttention(config).eval()
+    sites = ah.find_attention(attention)
+    assert [(s.name, s.family) for s in sites] == [("multihead_attn", "torch.MultiheadAttention")]
+    patches, queries = torch.randn(1, 16, 32), torch.randn(1, 3, 32)
+    ref = attention(patches, queries)
+    seen = []
+    inner = attention.multihead_attn
+    with ah.record(attention) as trace:
+        out = attention(patches, queries)
+    assert torch.equal(out, ref)
+    q = attention.q_proj(attention.layer_norm(queries))
+    kv = attention.layer_norm_kv(patches)
+    _, expected = inner(q, attention.k_proj(kv), attention.v_proj(kv), average_attn_weights=False)
+    seen.append(expected)
+    torch.testing.assert_close(trace.weights("multihead_attn"), expected.transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_two_models_sharing_one_config_recorded_in_overlapping_threads():
+    """Two models built on one config object, recorded at the same time from two threads, 10 rounds: each
+    trace holds its own rows only, and the shared config is never touched."""
+    first = ved_gpt2()
+    second = transformers.VisionEncoderDecoderModel(first.model.config).eval()
+    assert second.config is first.model.config
+    impls = implementations(first.model)
+    options = {**GREEDY, "output_scores": False, "return_dict_in_generate": False}
+    refs = [first.model.generate(**first.inputs, **options), second.generate(**first.inputs, **options)]
+    for _ in range(10):
+        barrier = threading.Barrier(2)
+        results, errors = {}, []
+
+        def run(i, model):
+            try:
+                with ah.record(model, sites="cross") as trace:
+                    barrier.wait(timeout=60)
+                    out = model.generate(**first.inputs, **options)
+                    barrier.wait(timeout=60)
+                results[i] = (out, trace)
+            except BaseException as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate([first.model, second])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for i in (0, 1):
+            out, trace = results[i]
+            assert torch.equal(out, refs[i])
+            steps = out.shape[1] - 1
+            assert trace.sequences == 1 and all(trace.weights(s).shape[1] == steps for s in trace.sites)
+        assert implementations(first.model) == impls and unpatched()
+    assert torch.equal(first.model.generate(**first.inputs, **options), refs[0])
+
+
+def test_another_thread_running_the_same_model_is_untouched_and_not_recorded():
+    case = ved_gpt2()
+    model = case.model
+    options = {**GREEDY, "output_scores": False, "return_dict_in_generate": False}
+    ref = model.generate(**case.inputs, **options)
+    for _ in range(5):
+        barrier = threading.Barrier(2)
+        other = {}
+
+        def run():
+            barrier.wait(timeout=60)
+            other["out"] = [model.generate(**case.inputs, **options) for _ in range(3)]
+
+        thread = threading.Thread(target=run)
+        with pytest.warns(AttnHookWarning, match="another thread"):
+            with ah.record(model, sites="cross") as trace:
+                thread.start()
+                barrier.wait(timeout=60)
+                out = model.generate(**case.inputs, **options)
+                thread.join()
+        assert torch.equal(out, ref) and all(torch.equal(o, ref) for o in other["out"])
+        assert trace.sequences == 1
+        assert all(trace.weights(s).shape[:2] == (1, out.shape[1] - 1) for s in trace.sites)
+
+
+def test_nothing_is_left_behind_after_an_exception():
+    case = llava(batch=1)
+    model = case.model
+    model.generate(**case.inputs, max_new_tokens=1)
+    before = hooks(model), implementations(model)
+    with pytest.raises(ZeroDivisionError):
+        with ah.record(model, sites="model.language_model.*"):
+            model.generate(**case.inputs, max_new_tokens=2)
+            1 / 0
+    assert (hooks(model), implementations(model)) == before and unpatched()
