@@ -27,8 +27,12 @@ def early_end(model, inputs, prompt: int) -> int:
     """An end-of-sequence token that makes one returned sequence stop early while another runs on: tried among
     the tokens the beams wrote without one."""
     free = model.generate(**inputs, **BEAMS)
-    for t in range(1, 4):
+    tried = set()
+    for t in range(1, BEAMS["max_new_tokens"]):
         for token in free.sequences[:, prompt + t].unique().tolist():
+            if token in tried:
+                continue
+            tried.add(token)
             model.generation_config.eos_token_id = token
             lengths = (model.generate(**inputs, **BEAMS).beam_indices >= 0).sum(1)
             if lengths.min() < lengths.max() == BEAMS["max_new_tokens"]:

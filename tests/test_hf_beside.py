@@ -44,7 +44,9 @@ def test_outputs_are_bit_identical(build, dtype):
 @pytest.mark.parametrize("arch", list(CASES))
 def test_rows_beside_sdpa_equal_the_models_eager_weights(arch):
     """The same generation recorded under sdpa (weights computed beside the call) and under eager (the
-    weights the model's eager attention returns itself): equal within 1e-5."""
+    weights the model's eager attention returns itself). Two runs: from the second layer on, the hidden states
+    differ by sdpa's and eager's rounding, so the bound is 5e-5 here; on the same inputs (the fallback test
+    below, the first layer in the training test) the rows agree within 1e-6."""
     model, inputs, sites = (c := CASES[arch]()).model, c.inputs, c.sites
     if not any(getattr(m.config, "_attn_implementation", None) == "sdpa" for m in model.modules()
                if hasattr(m, "config")):
@@ -57,7 +59,7 @@ def test_rows_beside_sdpa_equal_the_models_eager_weights(arch):
     assert torch.equal(a.sequences, b.sequences)
     assert [s.name for s in beside.sites] == [s.name for s in returned.sites]
     for site in beside.sites:
-        torch.testing.assert_close(beside.weights(site), returned.weights(site), atol=1e-5, rtol=0)
+        torch.testing.assert_close(beside.weights(site), returned.weights(site), atol=5e-5, rtol=0)
 
 
 def test_rows_equal_a_plain_hook_on_the_eager_model():
@@ -102,7 +104,7 @@ def test_a_training_step_is_bit_identical_and_records_probabilities_before_dropo
 
     model.train()
     loss, grads = step()
-    site = "model.vision_tower.encoder.layers.0.self_attn"
+    site = next(s.name for s in ah.find_attention(model) if s.name.endswith("encoder.layers.0.self_attn"))
     with ah.record(model, sites=site) as trace:
         again, grads_again = step()
     assert torch.equal(loss, again)
@@ -110,14 +112,17 @@ def test_a_training_step_is_bit_identical_and_records_probabilities_before_dropo
     # layer 0 of the vision tower sees no dropout before it: its probabilities equal the eval-mode eager ones
     model.eval()
     model.set_attn_implementation("eager")
-    seen = []
-    handle = model.get_submodule(site).register_forward_hook(lambda m, a, o: seen.append(o[1]))
+    seen = []  # the site's own inputs in the eval run; then the site itself, asked for its eager weights
+    module = model.get_submodule(site)
+    handle = module.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
     try:
         model(**case.inputs)
     finally:
         handle.remove()
+    args, kwargs = seen[0]
+    expected = module(*args, **{**kwargs, "output_attentions": True})[1]
     w = trace.weights(site)  # (images, patches, heads, patches)
-    torch.testing.assert_close(w, seen[0].transpose(1, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w, expected.transpose(1, 2), atol=1e-6, rtol=0)
     torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:3]))
 
 
@@ -184,6 +189,8 @@ RemoteAttention.__module__ = "transformers_modules.remote.modeling_remote"
 
 @pytest.mark.parametrize("style", ["get_interface", "getitem"])
 def test_weights_follow_the_fallback_the_module_passes(style):
+    if style == "get_interface" and not hasattr(AttentionInterface, "get_interface"):
+        pytest.skip("transformers 4 has no AttentionInterface.get_interface")
     torch.manual_seed(0)
     config = transformers.PretrainedConfig()
     config._attn_implementation = "sdpa"
@@ -308,3 +315,13 @@ def test_nothing_is_left_behind_after_an_exception():
             model.generate(**case.inputs, max_new_tokens=2)
             1 / 0
     assert (hooks(model), implementations(model)) == before and unpatched()
+
+
+def test_a_transformers_without_the_attention_interface_is_refused_in_one_line(monkeypatch):
+    import sys
+
+    model = ved_gpt2().model
+    monkeypatch.setitem(sys.modules, "transformers.modeling_utils", None)  # as if the module were absent
+    with pytest.raises(RecordingError, match=r"lacks what .* needs.*transformers>=4\.57\.6,<5\.25"):
+        with ah.record(model, sites="cross"):
+            pass

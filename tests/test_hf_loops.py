@@ -42,7 +42,13 @@ def test_a_linear_attention_layer_in_a_hybrid_stack_does_not_split_the_trace():
     assert trace.sequences == 1
     assert trace.positions(full).tolist() == list(range(ids.shape[1] - 1, ids.shape[1] - 1 + steps))
     model.set_attn_implementation("eager")
-    eager = model(out[:, :-1], output_attentions=True).attentions[1]  # (1, heads, n, n)
+    seen = []  # a plain hook on the full layer: its own eager weights, (1, heads, n, n)
+    handle = model.get_submodule(full).register_forward_hook(lambda m, a, o: seen.append(o[1]))
+    try:
+        model(out[:, :-1], output_attentions=True)
+    finally:
+        handle.remove()
+    eager = seen[0]
     w = trace.weights(full)
     for t in range(steps):
         p = ids.shape[1] - 1 + t

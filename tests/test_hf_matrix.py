@@ -7,6 +7,7 @@ other test_hf_* files.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import pytest
@@ -220,7 +221,10 @@ def test_generate_is_recorded_row_per_token(arch):
     steps = out.sequences.shape[1] - case.prompt
     assert steps == len(out.logits) > 1
     assert trace.sequences == 1 and trace.sites
-    assert case.capture in trace.meta["transformers"]["sites"].values()
+    hows = set(trace.meta["transformers"]["sites"].values())
+    # transformers 4 (no utils.output_capturing) writes these models' attention by hand: the legacy flag is forced
+    legacy = importlib.util.find_spec("transformers.utils.output_capturing") is None
+    assert case.capture in hows or (legacy and hows == {"flag"})
     batch = out.sequences.shape[0]
     for site in trace.sites:
         w, lengths, positions = trace.weights(site), trace.key_lengths(site), trace.positions(site)

@@ -189,9 +189,6 @@ def eager_function(cls: type):
 
 
 # --- computing the kept rows on the side --------------------------------------------------------------------
-_NO_VALUES: dict[Any, bool] = {}  # eager function -> whether it runs with zero-width values
-
-
 def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
     query = part.query[:, :, lo:hi]
     mask = eager_mask(part.mask, part.query, part.key, lo, hi, part.module, part.kwargs)
@@ -207,17 +204,46 @@ def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
     args = tuple(rows_of(a) for a in part.args)
     if "dropout" in kwargs:
         kwargs["dropout"] = 0.0  # the probabilities, before dropout; dropout with p=0 draws no random numbers
-    with torch.no_grad():
-        narrow = _NO_VALUES.get(part.eager, True)
-        if narrow:  # only the weights are needed: give the values no width, the weighted sum costs nothing
-            try:
-                _, weights = part.eager(part.module, query, part.key, part.value[..., :0], mask, *args, **kwargs)
-                _NO_VALUES[part.eager] = True
-                return weights
-            except RuntimeError:
-                _NO_VALUES[part.eager] = False
+    if "output_attentions" in kwargs or _takes(part.eager, "output_attentions"):
+        kwargs["output_attentions"] = True  # some eager functions (CLIP in transformers 4) drop them otherwise
+    with torch.no_grad(), _evaluating(part.module):
         _, weights = part.eager(part.module, query, part.key, part.value, mask, *args, **kwargs)
+    if not isinstance(weights, torch.Tensor):
+        raise RecordingError(
+            f"{type(part.module).__name__}: its eager function {getattr(part.eager, '__name__', part.eager)!r} "
+            f"returned {type(weights).__name__} instead of attention weights. Leave the site out with "
+            "record(model, sites=...), or describe it with an AttentionSpec.")
     return weights
+
+
+_TAKES: dict[tuple, bool] = {}
+
+
+def _takes(fn, name: str) -> bool:
+    key = (fn, name)
+    if key not in _TAKES:
+        try:
+            _TAKES[key] = name in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            _TAKES[key] = False
+    return _TAKES[key]
+
+
+class _evaluating:
+    """The module and its children in eval() mode for the side computation only: an eager function that
+    applies the module's own dropout layer (GPT-2's `attn_dropout`) neither drops weights nor draws random
+    numbers, so the training step's random stream is the one it has without attnhook."""
+
+    def __init__(self, module: nn.Module):
+        self.modules = [m for m in module.modules() if m.training] if module.training else []
+
+    def __enter__(self):
+        for m in self.modules:
+            m.training = False
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.training = True
 
 
 def eager_mask(mask, query: torch.Tensor, key: torch.Tensor, lo: int, hi: int, module, kwargs) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ recording's plan is found through a context variable, so other threads and other
 from __future__ import annotations
 
 import inspect
+import re
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -99,6 +100,12 @@ def _past_length(call: Call) -> int | None:
 
 def _cache_length(call: Call) -> int | None:
     cache = None
+    position = _arg(call.module, call.args, call.kwargs, "cache_position")
+    if isinstance(position, torch.Tensor) and position.dim() == 1 and position.numel() > 0 and any(
+            _arg(call.module, call.args, call.kwargs, n) is not None for n in _CACHE_ARGS):
+        # the slot the first query is written to: exact for every cache (transformers 4's static cache
+        # counts its filled slots from the first batch row's keys, which left padding can leave at zero)
+        return int(position[0])
     for name in _CACHE_ARGS:
         cache = _arg(call.module, call.args, call.kwargs, name)
         if cache is not None:
@@ -175,6 +182,13 @@ def _source(cls: type) -> str:
                 pass
         _SOURCES[cls] = "\n".join(parts)
     return _SOURCES[cls]
+
+
+def _appends_weights(cls: type) -> bool:
+    """Whether `forward` appends the weights to its outputs only when asked (`outputs = outputs +
+    (attn_weights,)`, `(...) if output_attentions else (...)`) rather than keeping a slot for them."""
+    source = _source(cls)
+    return bool(re.search(r"outputs\s*=\s*outputs\s*\+\s*\(", source)) or "if output_attentions else" in source
 
 
 def _sdpa_only(cls: type) -> bool:
@@ -300,7 +314,10 @@ class _Recording:
         flagged = [m for m in site.modules() if "output_attentions" in _params(type(m))]
         if flagged:
             slot = _Slot(self, site, "flag", token_decoder)
-            self._capture(slot, flagged[0], 1)
+            # the innermost one: forcing it and giving back what was asked keeps every wrapper's indexing
+            inner = flagged[-1]
+            appends = _appends_weights(type(inner))
+            self._capture(slot, inner, -1 if appends else 1, appends)
             self._add_slot(site, slot)
             return
         owner = type(owners[0]).__name__ if owners else type(self.model).__name__
@@ -318,6 +335,8 @@ class _Recording:
         self.slots[site] = slot
 
         def fresh(*_):
+            if not self.mine():
+                return  # another thread's call: its attention is not seen, and this thread's is not touched
             if slot.parts:  # the last call was never read: the recorder dropped the site (not the kind asked)
                 slot.released = True
                 for module in [m for m, s in self.plan.callers.items() if s is slot]:
@@ -365,8 +384,10 @@ class _Recording:
                 return hits
         return []
 
-    def _capture(self, slot: _Slot, module: nn.Module, index: int) -> None:
-        """Hook `module` so that its `output[index]` goes to the slot, forcing `output_attentions` if it has it."""
+    def _capture(self, slot: _Slot, module: nn.Module, index: int, appends: bool = False) -> None:
+        """Hook `module` so that its `output[index]` goes to the slot, forcing `output_attentions` if it has it.
+        `appends`: the module adds its weights at the end of its output only when asked (T5 style), so a caller
+        that did not ask gets the output without them; otherwise it gets None in their place."""
         flag = "output_attentions" in _params(type(module))
         if flag:
             self.forced.append(self.names.get(slot.module, "?"))
@@ -388,6 +409,8 @@ class _Recording:
             if isinstance(weights, torch.Tensor) and not slot.released:
                 slot.parts.append(Part(weights=weights))
             if flag and asked and not slot.released and not asked.pop() and isinstance(output, tuple):
+                if appends:
+                    return output[:-1]
                 return output[:index] + (None,) + output[index + 1:]
             return None
 
@@ -559,7 +582,25 @@ def _word_embeddings(model: nn.Module):
         return None
 
 
+SUPPORTED = "4.57.6 to 5.24"  # the versions CI runs the Hugging Face tests on (oldest and newest)
+
+
+def _supported() -> None:
+    """Refuse, in one line, a transformers without what the adapter needs (found by feature, not version)."""
+    import transformers
+
+    try:
+        from transformers.modeling_utils import AttentionInterface  # noqa: F401
+        _output_recorder()
+    except ImportError as e:
+        raise RecordingError(
+            f"transformers {getattr(transformers, '__version__', '?')} lacks what attnhook's Hugging Face adapter "
+            f"needs ({e}). Install a supported version: pip install 'transformers>=4.57.6,<5.25' (tested: "
+            f"{SUPPORTED}).") from None
+
+
 def _prepare(session):
+    _supported()
     recording = _Recording(session)
     try:
         for site in session.modules:
