@@ -47,6 +47,10 @@ class Captioned:
         layout: the `Grid` the keys lie on, placed on `image` (`layout.box`).
         trace: the `Trace` recorded while the model generated (all heads, all recorded layers).
         text: the generated text, as the model's tokenizer decodes it.
+
+    With a Hugging Face model, `words` are the generated tokens, decoded one by one; the end and padding tokens
+    after the last word are dropped, a special token written mid-caption stays (as its text), so that word `i`
+    is always the token of step `i` and `maps[i]` its row.
     """
 
     image: np.ndarray
