@@ -353,7 +353,7 @@ def _result(rgb, words, trace, layout, text) -> Captioned:
     if len(words) > steps:
         raise CaptionError(f"The caption has {len(words)} words but the trace holds {steps} steps: each word needs "
                            "the row of the step that produced it. Record the whole decoding in generate=.")
-    maps = attention_maps(trace, layout, site=sites)[0, :len(words)] if words else np.zeros((0, 1, 1))
+    maps = attention_maps(trace, layout, site=sites)[0, :len(words)] if words else np.zeros((0, getattr(layout, 'rows', 1), getattr(layout, 'cols', 1)))
     return Captioned(rgb, list(words), maps, layout, trace, text)
 
 
