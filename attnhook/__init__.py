@@ -11,5 +11,6 @@ from .trace import Site, Trace
 from .tracefile import load
 
 __version__ = "0.1.0"
-__all__ = ["AttentionSpec", "AttnHookError", "Captioned", "Grid", "Site", "Trace", "attention_maps", "caption", "explain",
-           "find_attention", "infer_grid", "load", "overlay", "plot_words", "record", "register", "unregister"]
+__all__ = ["AttentionSpec", "AttnHookError", "Captioned", "Grid", "Site", "Trace", "attention_maps", "caption",
+           "explain", "find_attention", "infer_grid", "load", "overlay", "plot_words", "record", "register",
+           "unregister"]

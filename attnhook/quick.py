@@ -4,12 +4,14 @@
 `attention_maps()`, the renderers, `Trace.save()`) and returns a `Captioned` result. Everything it does can be
 done by hand with those functions; it adds no capability of its own, only the choices a first run needs:
 
-| model | how it generates | sites recorded | layout |
-|---|---|---|---|
-| a bundled model (`"transformer"`, `"sat"`, or `demo.load(name)`) | `model.caption()`, the image fitted into 96 px | cross-attention | `model.grid()` |
-| a Hugging Face encoder-decoder (VisionEncoderDecoder, BLIP, ...) with `processor=` | `model.generate(**processor(images=...))` | cross-attention | `infer_grid(model=, processor=)` |
-| a Hugging Face decoder-only VLM (Llava, PaliGemma, ...) with its `processor=` | the processor's chat template with `prompt=` and the image | the language model's self-attention | `infer_grid()` on the image tokens |
-| any torch model, with `generate=` | your callable, given the image | cross-attention (`sites=` to change) | `infer_grid(model=)`, or `layout=` |
+- a bundled model (`"transformer"`, `"sat"`, or `demo.load(name)`): `model.caption()` on the image fitted
+  into 96 px; cross-attention; the layout from `model.grid()`;
+- a Hugging Face encoder-decoder (VisionEncoderDecoder, BLIP, ...) with `processor=`: `model.generate()` on
+  the processed image; cross-attention; `infer_grid(model=, processor=)`;
+- a Hugging Face decoder-only VLM (Llava, PaliGemma, ...) with its `processor=`: the processor's chat template
+  with `prompt=` and the image; the language model's self-attention; `infer_grid()` on the image tokens;
+- any torch model, with `generate=`: your callable, given the image; cross-attention (`sites=` to change);
+  `infer_grid(model=)`, or `layout=`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ class Captioned:
     With a Hugging Face model, `words` are the generated tokens, decoded one by one; the end and padding tokens
     after the last word are dropped, a special token written mid-caption stays (as its text), so that word `i`
     is always the token of step `i` and `maps[i]` its row.
+
+    Example:
+        >>> import attnhook as ah
+        >>> from attnhook import demo
+        >>> result = ah.caption("sat", demo.make_images(1, seed=7, size=(64, 96))[0].image)
+        >>> result                                               # doctest: +ELLIPSIS
+        Captioned(words=['a', 'purple', 'triangle'], maps (3, 16, 24), layout 384 = 16 x 24 patches, 1 site(s))
     """
 
     image: np.ndarray
@@ -353,7 +362,10 @@ def _result(rgb, words, trace, layout, text) -> Captioned:
     if len(words) > steps:
         raise CaptionError(f"The caption has {len(words)} words but the trace holds {steps} steps: each word needs "
                            "the row of the step that produced it. Record the whole decoding in generate=.")
-    maps = attention_maps(trace, layout, site=sites)[0, :len(words)] if words else np.zeros((0, getattr(layout, 'rows', 1), getattr(layout, 'cols', 1)))
+    if not words:
+        return Captioned(rgb, [], np.zeros((0, getattr(layout, "rows", 1), getattr(layout, "cols", 1))), layout,
+                         trace, text)
+    maps = attention_maps(trace, layout, site=sites)[0, :len(words)]
     return Captioned(rgb, list(words), maps, layout, trace, text)
 
 

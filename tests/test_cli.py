@@ -198,7 +198,8 @@ def test_inputs_with_one_stem_get_unique_output_names(tmp_path, capsys):
     jpg = tmp_path / "a" / "photo.jpg"
     Image.open(png).save(jpg, quality=95)
     other, second = scene_png(tmp_path / "b", "photo.png", index=1)
-    assert main(["caption", str(png), str(jpg), str(other), "--model", "transformer", "--out", str(tmp_path / "out")]) == 0
+    argv = ["caption", str(png), str(jpg), str(other), "--model", "transformer", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"{png}: {first.caption} (written as photo-png.*)" in out and "(written as photo-jpg.*)" in out
     assert f"{other}: {second.caption} (written as photo-png-2.*)" in out
