@@ -49,6 +49,7 @@ class Captioned:
         layout: the `Grid` the keys lie on, placed on `image` (`layout.box`).
         trace: the `Trace` recorded while the model generated (all heads, all recorded layers).
         text: the generated text, as the model's tokenizer decodes it.
+        sites: the recorded sites `maps` averages (those that look at the image).
 
     With a Hugging Face model, `words` are the generated tokens, decoded one by one; the end and padding tokens
     after the last word are dropped, a special token written mid-caption stays (as its text), so that word `i`
@@ -68,6 +69,7 @@ class Captioned:
     layout: Grid
     trace: Trace = field(repr=False)
     text: str = ""
+    sites: list = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         return (f"Captioned(words={self.words!r}, maps {tuple(self.maps.shape)}, layout {self.layout.describe()}, "
@@ -152,8 +154,7 @@ class Captioned:
         return where[0]
 
     def _sites(self) -> list:
-        cross = [s for s in self.trace.sites if s.kind == "cross"]
-        return cross or list(self.trace.sites)
+        return self.sites or _image_sites(self.trace)
 
 
 def caption(model, image, *, processor=None, tokenizer=None, prompt: str | None = None, generate=None,
@@ -264,10 +265,11 @@ def _hf(model, rgb, processor, tokenizer, prompt, sites, layers, layout, max_new
     cross = any(s.kind == "cross" for s in find_attention(model))
     if cross:
         inputs = _encoder_decoder_inputs(processor, text_side, rgb, prompt)
-        sites = sites or "cross"
+        sites, looking = sites or "cross", None
     else:
         inputs = _chat_inputs(processor, rgb, prompt, name)
-        sites = sites or _language_model_sites(model)
+        looking = _language_model_sites(model)  # the sites whose keys hold the image's tokens
+        sites = sites or looking
     if not isinstance(beams, int) or beams < 1:
         raise CaptionError(f"beams must be a positive int, got {beams!r}.")
     options = dict(max_new_tokens=max_new_tokens, num_beams=beams, do_sample=False, return_dict_in_generate=True,
@@ -278,7 +280,8 @@ def _hf(model, rgb, processor, tokenizer, prompt, sites, layers, layout, max_new
         from .beams import follow
 
         trace = follow(trace, out.beam_indices[:1])
-    site = _image_sites(trace)[0]
+    chosen = _image_sites(trace, looking)
+    site = chosen[0]
     steps = trace.weights(site).shape[1]
     new = out.sequences[0, -steps:].tolist() if steps else []
     special = set(getattr(text_side, "all_special_ids", []) or [])
@@ -287,7 +290,7 @@ def _hf(model, rgb, processor, tokenizer, prompt, sites, layers, layout, max_new
     words = [text_side.decode([t]).strip() or "␣" for t in new]
     if layout is None:
         layout = _hf_layout(trace, site, model, processor, inputs, rgb)
-    return _result(rgb, words, trace, layout, text_side.decode(new, skip_special_tokens=True).strip())
+    return _result(rgb, words, trace, layout, text_side.decode(new, skip_special_tokens=True).strip(), chosen)
 
 
 def _encoder_decoder_inputs(processor, tokenizer, rgb, prompt):
@@ -347,26 +350,31 @@ def _hf_layout(trace, site, model, processor, inputs, rgb) -> Grid:
 
 
 # --- shared ------------------------------------------------------------------------------------------------------
-def _image_sites(trace: Trace) -> list:
+def _image_sites(trace: Trace, glob: str | None = None) -> list:
+    """The recorded sites that look at the image: cross-attention, or the self-attention sites matching `glob`
+    (a decoder-only model's language model), else every site."""
+    from fnmatch import fnmatchcase
+
     cross = [s for s in trace.sites if s.kind == "cross"]
-    sites = cross or list(trace.sites)
+    sites = cross or [s for s in trace.sites if glob is None or fnmatchcase(s.name, glob)]
     if not sites:
-        raise CaptionError("Nothing was recorded while the model generated: no selected attention module ran. "
-                           "Check sites= against attnhook.find_attention(model).")
+        raise CaptionError("Nothing that looks at the image was recorded while the model generated: no selected "
+                           f"attention module{' matching ' + repr(glob) if glob else ''} ran. Check sites= against "
+                           "attnhook.find_attention(model).")
     return sites
 
 
-def _result(rgb, words, trace, layout, text) -> Captioned:
-    sites = _image_sites(trace)
+def _result(rgb, words, trace, layout, text, sites=None) -> Captioned:
+    sites = sites or _image_sites(trace)
     steps = trace.weights(sites[0]).shape[1]
     if len(words) > steps:
         raise CaptionError(f"The caption has {len(words)} words but the trace holds {steps} steps: each word needs "
                            "the row of the step that produced it. Record the whole decoding in generate=.")
     if not words:
         return Captioned(rgb, [], np.zeros((0, getattr(layout, "rows", 1), getattr(layout, "cols", 1))), layout,
-                         trace, text)
+                         trace, text, sites)
     maps = attention_maps(trace, layout, site=sites)[0, :len(words)]
-    return Captioned(rgb, list(words), maps, layout, trace, text)
+    return Captioned(rgb, list(words), maps, layout, trace, text, sites)
 
 
 def _as_rgb(image) -> np.ndarray:

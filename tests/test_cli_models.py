@@ -120,6 +120,14 @@ def test_caption_runs_a_decoder_only_vlm_through_its_processor_and_chat_template
     assert all(s.name.startswith("model.language_model.") for s in trace.sites)
     assert len(trace.meta["image_keys"][0]) == 16 and (trace.meta["grid"].rows, trace.meta["grid"].cols) == (4, 4)
     assert 1 <= len(trace.meta["words"][0][0]) <= 4
+    code = main(["caption", str(path), "--model", str(directory), "--sites", "all", "--max-new-tokens", "3",
+                 "--out", str(tmp_path / "all")])  # the vision tower recorded too: maps still from the decoder
+    assert code == 0, capsys.readouterr().err
+    assert "vision_tower" in " ".join(s.name for s in ah.load(tmp_path / "all" / "scene.safetensors").sites)
+    capsys.readouterr()
+    assert main(["inspect", str(directory), "--image-size", "32x32"]) == 0
+    out = capsys.readouterr().out
+    assert "model.language_model.layers.1.self_attn" in out and "vision_tower" in out
 
 
 def cache_with(tmp_path, directory, repo="tiny-org/tiny-ved"):

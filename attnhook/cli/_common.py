@@ -140,11 +140,12 @@ def cross_or_all(trace):
     return cross or trace.sites
 
 
-def write_views(out, stem: str, image, words, trace, grid, heads="mean", size=None) -> None:
+def write_views(out, stem: str, image, words, trace, grid, heads="mean", size=None, sites=None) -> None:
     """The per-word figure (PNG), the animation (GIF), the viewer (HTML) and the trace of one captioned image.
 
     `grid` lies on an image of `size` (default: `image`'s own size), which the trace records; the pictures are
-    drawn on `image` scaled to at most `MAX_DRAW` px a side, with the grid's box scaled alike."""
+    drawn on `image` scaled to at most `MAX_DRAW` px a side, with the grid's box scaled alike. `sites`: those
+    whose maps are drawn (default: the cross-attention sites, else every site)."""
     import matplotlib.pyplot as plt
 
     from ..html import save_html
@@ -152,7 +153,7 @@ def write_views(out, stem: str, image, words, trace, grid, heads="mean", size=No
     from ..render import plot_words, save_gif
 
     n = len(words)
-    sites = cross_or_all(trace)
+    sites = sites or cross_or_all(trace)
     maps = attention_maps(trace, grid, site=sites, heads=heads)[0, :n]
     every = attention_maps(trace, grid, site=sites, heads="all", layers="all")[0, :n]
     size = tuple(size or image.shape[:2])

@@ -88,7 +88,8 @@ def run(args) -> int:
                     silent.append(path)
                     say(f"{path}: the model wrote no word for this image; nothing drawn for it")
                     continue
-                write_views(out, stem, result.image, result.words, result.trace, result.layout, how)
+                write_views(out, stem, result.image, result.words, result.trace, result.layout, how,
+                            sites=result.sites)
                 show(f"{path}: {' '.join(result.words)}" + (f" (written as {stem}.*)" if stem != Path(path).stem
                                                             else ""))
         if len(silent) == len(names):
