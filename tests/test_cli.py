@@ -192,13 +192,23 @@ def test_caption_never_replaces_a_file_it_did_not_write_unless_forced(tmp_path, 
     assert leftovers(tmp_path) == []
 
 
-def test_two_images_with_one_name_are_refused_before_any_work(tmp_path, capsys):
+def test_inputs_with_one_stem_get_unique_output_names(tmp_path, capsys):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    one, _ = scene_png(tmp_path / "a")
-    two, _ = scene_png(tmp_path / "b", index=1)
-    assert main(["caption", str(one), str(two), "--model", "transformer", "--out", str(tmp_path / "out")]) == 1
-    assert "would both write scene.*" in one_line(capsys.readouterr().err)
-    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    png, first = scene_png(tmp_path / "a", "photo.png")
+    jpg = tmp_path / "a" / "photo.jpg"
+    Image.open(png).save(jpg, quality=95)
+    other, second = scene_png(tmp_path / "b", "photo.png", index=1)
+    argv = ["caption", str(png), str(jpg), str(other), "--model", "transformer", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{png}: {first.caption} (written as photo-png.*)" in out and "(written as photo-jpg.*)" in out
+    assert f"{other}: {second.caption} (written as photo-png-2.*)" in out
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == sorted(n for stem in ("photo-png", "photo-jpg", "photo-png-2")
+                           for n in (f"{stem}-words.png", f"{stem}.gif", f"{stem}.html", f"{stem}.safetensors"))
+    for stem, scene in (("photo-png", first), ("photo-png-2", second)):  # each name holds its own image's run
+        assert " ".join(ah.load(tmp_path / "out" / f"{stem}.safetensors").meta["words"][0][0]) == scene.caption
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("kind", ["file", "dangling", "looping", "under-a-file", "unwritable"])
@@ -365,7 +375,8 @@ def test_a_model_that_writes_no_word_for_one_image_says_so_and_writes_the_others
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert f"{silent}: the model wrote no word for this image; nothing drawn for it" in captured.err
-    assert f"{spoken}: w" in captured.out and "(no word for 1 of 2 images)" in captured.out
+    # special tokens written mid-caption stay, as words, so that every word keeps its own step's map
+    assert f"{spoken}: " in captured.out and "(no word for 1 of 2 images)" in captured.out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         f"{spoken.stem}-words.png", f"{spoken.stem}.gif", f"{spoken.stem}.html", f"{spoken.stem}.safetensors"]
     assert main(["caption", str(silent), "--model", str(directory), "--out", str(tmp_path / "out2")]) == 1
