@@ -115,3 +115,22 @@ def test_a_training_step_with_dropout_is_bit_identical_and_records_probabilities
     with torch.no_grad():
         expected = mha_weights(twin.layers[1].multihead_attn, seen["query"], seen["key"]).transpose(1, 2)
     torch.testing.assert_close(trace.weights("layers.1.multihead_attn"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_keys_reused_from_the_previous_call_only_where_they_came_back_unchanged():
+    """A prefix loop reprojects only the new key rows; a changed prefix row, or weights changed in place
+    between calls, are noticed: every row still equals the module's own weights."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 6, 16)
+    inputs = [x[:, :3], x[:, :4], torch.cat([x[:, :1] + 1, x[:, 1:5]], 1), x[:, :6], x[:, :6]]
+    with ah.record(mha) as trace:
+        for i, seq in enumerate(inputs):
+            if i == 4:
+                with torch.no_grad():
+                    mha.in_proj_weight.mul_(1.5)  # an optimizer step between two calls
+            trace.new_sequence()
+            mha(seq, seq, seq, need_weights=False)
+            _, ref = mha(seq, seq, seq, need_weights=True, average_attn_weights=False)
+            torch.testing.assert_close(trace.weights(trace.sites[0], sequence=i, call=0), ref.transpose(1, 2),
+                                       atol=1e-6, rtol=0)

@@ -34,23 +34,50 @@ def _bind(call: Call) -> inspect.BoundArguments:
 # projected keys of the key tensors still alive: a cross-attention's image features are the same tensor at
 # every step of a run, so they are projected once (checked by identity, the tensor's version and the weight's;
 # an entry goes when its tensor is freed)
-_KEYS: dict[int, tuple] = {}
+_KEYS: dict[tuple[int, int], tuple] = {}
 
 
-def _project_keys(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+# per module, the last keys projected and their projection: a loop that reruns the prefix gives keys whose
+# first rows are the previous keys again; those rows are checked equal (cheap next to a projection) and only
+# the new rows are projected
+_PREFIX: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _project_keys(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  axis: int) -> torch.Tensor:
     # weight and bias may be slices of the packed projection: their versions are the parameters'
     stamp = (key._version, id(m), weight._version, None if bias is None else bias._version, tuple(key.shape))
-    hit = _KEYS.get(id(key))
+    ident = (id(key), id(m))  # one image's features feed every layer: one entry per (tensor, module)
+    hit = _KEYS.get(ident)
     if hit is not None and hit[0]() is key and hit[1] == stamp:
         return hit[2]
-    projected = F.linear(key, weight, bias)
-    ident = id(key)
+    projected = _extend(m, key, weight, bias, axis)
     try:
         ref = weakref.ref(key, lambda r, ident=ident: _KEYS.pop(ident, None) if _KEYS.get(ident, (None,))[0] is r
                           else None)
     except TypeError:  # cannot be weakly referenced: no reuse
         return projected
     _KEYS[ident] = (ref, stamp, projected)
+    return projected
+
+
+def _extend(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            axis: int) -> torch.Tensor:
+    """`F.linear(key, weight, bias)`, reusing the rows of the module's previous keys that came back unchanged."""
+    versions = (weight._version, None if bias is None else bias._version, weight.data_ptr())
+    last = _PREFIX.get(m)
+    n = key.shape[axis]
+    if last is not None:
+        old, old_versions, old_projected = last
+        k = old.shape[axis]
+        same_layout = old.dim() == key.dim() and old.dtype == key.dtype and old.device == key.device and all(
+            a == b for i, (a, b) in enumerate(zip(old.shape, key.shape)) if i != axis)
+        if old_versions == versions and same_layout and 0 < k < n and torch.equal(key.narrow(axis, 0, k), old):
+            projected = torch.cat([old_projected, F.linear(key.narrow(axis, k, n - k), weight, bias)], dim=axis)
+            _PREFIX[m] = (key.detach(), versions, projected)
+            return projected
+    projected = F.linear(key, weight, bias)
+    _PREFIX[m] = (key.detach(), versions, projected)
     return projected
 
 
@@ -129,7 +156,7 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     with torch.no_grad():
         batched_first = query.dim() == 3 and m.batch_first
         q = F.linear(query[:, lo:hi] if batched_first else query[lo:hi], wq, bq)
-        k = _project_keys(m, key, wk, bk)
+        k = _project_keys(m, key, wk, bk, 1 if batched_first else 0)
         if query.dim() == 2:  # unbatched (L, E): one sequence-first batch of 1
             q, k = q[:, None], k[:, None]
             pad = pad[None] if pad is not None else None
