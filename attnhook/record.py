@@ -105,8 +105,11 @@ class record:
         layers: layer index or list of them; negative counts from the end of each stack (`-1`: last layer).
         step: a module (or its name, or a list of them) whose every call ends one decoding step, for loops
             whose steps attnhook cannot see (e.g. `step=model.head`); see docs/recording.md.
-        dtype: storage dtype of the rows (e.g. `torch.float16`); None keeps the captured dtype.
-        device: where rows are kept; CPU by default, detached.
+        dtype: storage dtype of the rows (e.g. `torch.float16`); None keeps the captured dtype (float16 and
+            bfloat16 rows are stored as they come); `torch.float32` up-casts them.
+        device: where rows are kept; CPU by default, detached. Rows of CUDA tensors reach the CPU by
+            non-blocking copies into pinned memory (no host synchronisation per call; the trace waits for
+            them when read and when the block ends); `device="cuda"` keeps them on the GPU.
         keys: a `slice` of the key axis to keep (e.g. `slice(1, None)` drops a CLS token).
         rows: `"tokens"` keeps, at decoder-only self-attention sites that know which rows `generate()` turns
             into tokens (Hugging Face), only those rows; `"all"` keeps the whole prompt too, for analysis. Other
@@ -218,6 +221,7 @@ class record:
         finally:
             self._calls.clear()
             self._held.clear()
+            self.trace._settle()  # rows copied from a GPU are all on the host when the block ends
 
     # --- hooks ---------------------------------------------------------------------------------------
     def _mine(self) -> bool:
@@ -368,6 +372,15 @@ class record:
         if not self.trace.has_site(name):
             site = self.selected.get(name) or Site(name, "", kind)
             self.trace.add_site(Site(site.name, site.family, kind, site.layer, weights.shape[1], site.cls))
+        if rows.is_cuda and self.device.type == "cpu":
+            # no host synchronisation per call: a non-blocking copy into pinned memory, waited for (one CUDA
+            # event per copy) only when the rows are read or the block ends
+            kept = torch.empty(rows.shape, dtype=dtype, pin_memory=True)
+            kept.copy_(rows.detach(), non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            self.trace.add_rows(name, placement.first, kept, call=placement.call, ready=ready)
+            return
         kept = torch.empty(rows.shape, dtype=dtype, device=self.device)
         kept.copy_(rows.detach())
         self.trace.add_rows(name, placement.first, kept, call=placement.call)

@@ -155,6 +155,7 @@ class Trace:
         self.meta: dict = dict(meta or {})
         self.cut = False
         self.notes: list[str] = []  # what recording decided on weak evidence, or could not decide
+        self._inflight: list = []  # CUDA events of rows still being copied to pinned host memory
 
     # --- reading -------------------------------------------------------------------------------------
     @property
@@ -173,7 +174,15 @@ class Trace:
             )
         return self._sites[name]
 
+    def _settle(self) -> None:
+        """Wait for rows still being copied from a GPU (non-blocking copies): before anything reads them."""
+        if self._inflight:
+            for event in self._inflight:
+                event.synchronize()
+            self._inflight.clear()
+
     def _chunks_of(self, which: Site | str, sequence: int) -> list[_Chunk]:
+        self._settle()
         site = self.site(which)
         if type(sequence) is not int or not 0 <= sequence < max(self.sequences, 1):
             raise RecordingError(
@@ -304,14 +313,17 @@ class Trace:
         """Declare a site (its kind resolved); rows for it can then be added."""
         self._sites[site.name] = site
 
-    def add_rows(self, site: Site | str, start: int, rows: torch.Tensor, call: int = 0) -> None:
+    def add_rows(self, site: Site | str, start: int, rows: torch.Tensor, call: int = 0, ready=None) -> None:
         """Append rows `(batch, heads, n, keys)` for query positions `start .. start + n - 1` of the current
-        sequence (`call`: which call of the step, for a site called several times per step)."""
+        sequence (`call`: which call of the step, for a site called several times per step; `ready`: a CUDA
+        event recorded after a non-blocking copy into `rows`, waited for before the rows are read)."""
         name = self.site(site).name
         if not (isinstance(rows, torch.Tensor) and rows.dim() == 4):
             raise RecordingError(f"add_rows() takes rows of shape (batch, heads, n, keys), got "
                                  f"{getattr(rows, 'shape', type(rows).__name__)}.")
         self._chunks.setdefault((name, self._seq), []).append(_Chunk(int(start), int(call), rows))
+        if ready is not None:
+            self._inflight.append(ready)
 
     @property
     def epoch(self) -> int:
@@ -327,6 +339,7 @@ class Trace:
         name = site.name if isinstance(site, Site) else site
         if name not in self._sites:
             return None
+        self._settle()
         for c in reversed(self._chunks.get((name, self._seq), [])):
             if c.call == call and c.start <= position < c.start + c.rows.shape[2]:
                 return c.rows[:, :, position - c.start]

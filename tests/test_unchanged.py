@@ -134,3 +134,20 @@ def test_keys_reused_from_the_previous_call_only_where_they_came_back_unchanged(
             _, ref = mha(seq, seq, seq, need_weights=True, average_attn_weights=False)
             torch.testing.assert_close(trace.weights(trace.sites[0], sequence=i, call=0), ref.transpose(1, 2),
                                        atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_rows_from_cuda_reach_the_trace_without_a_sync_per_call(device):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).cuda().eval()
+    x, memory = torch.randn(2, 1, 16, device="cuda"), torch.randn(2, 9, 16, device="cuda")
+    with ah.record(mha, device=device) as trace:
+        for _ in range(3):
+            mha(x, memory, memory, need_weights=False)
+    w = trace.weights(trace.sites[0])
+    _, ref = mha(x, memory, memory, need_weights=True, average_attn_weights=False)
+    assert w.device.type == device and w.shape == (2, 3, 2, 9)
+    torch.testing.assert_close(w[:, 0], ref[:, :, 0].to(device), atol=1e-6, rtol=0)
+    if device == "cpu":
+        assert all(r.is_pinned() for _, _, r in trace.rows(trace.sites[0]))
