@@ -325,3 +325,19 @@ def test_a_transformers_without_the_attention_interface_is_refused_in_one_line(m
     with pytest.raises(RecordingError, match=r"lacks what .* needs.*transformers>=4\.57\.6,<5\.25"):
         with ah.record(model, sites="cross"):
             pass
+
+
+def test_a_forced_legacy_site_says_so_and_stays_within_its_bound():
+    """TrOCR's attention writes its weights only when asked: the one path that changes what runs. The trace
+    says so, and the logits stay within 1e-5 of the unrecorded run (here they are equal)."""
+    from test_hf_matrix import ved_trocr
+
+    case = ved_trocr()
+    model = case.model
+    ref = model.generate(**case.inputs, **GREEDY)
+    with ah.record(model, sites="cross") as trace:
+        out = model.generate(**case.inputs, **GREEDY)
+    assert set(trace.meta["transformers"]["forced"]) == {s.name for s in trace.sites}
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
