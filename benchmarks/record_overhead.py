@@ -36,9 +36,10 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, image):
         memory = self.encoder(image).transpose(1, 2)
-        tokens = torch.zeros(image.shape[0], 1, dtype=torch.long)
+        tokens = torch.zeros(image.shape[0], 1, dtype=torch.long, device=image.device)
         for _ in range(STEPS):
-            causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+            causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=image.device,
+                                                                    dtype=image.dtype)
             h = self.decoder(self.embed(tokens), memory, tgt_mask=causal, tgt_is_causal=True)
             tokens = torch.cat([tokens, self.head(h[:, -1]).argmax(-1, keepdim=True)], 1)
         return tokens
