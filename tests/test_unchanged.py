@@ -151,3 +151,23 @@ def test_rows_from_cuda_reach_the_trace_without_a_sync_per_call(device):
     torch.testing.assert_close(w[:, 0], ref[:, :, 0].to(device), atol=1e-6, rtol=0)
     if device == "cpu":
         assert all(r.is_pinned() for _, _, r in trace.rows(trace.sites[0]))
+
+
+def test_recording_works_under_inference_mode():
+    torch.manual_seed(0)
+    decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(16, 2, batch_first=True), 2).eval()
+    memory, tokens = torch.randn(2, 9, 16), torch.randn(2, 3, 16)
+
+    def run(n):
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(n)
+        return decoder(tokens[:, :n], memory, tgt_mask=causal, tgt_is_causal=True)
+
+    with torch.inference_mode():
+        ref = run(3)
+        with ah.record(decoder) as trace:
+            for n in (1, 2, 3):  # a prefix loop: the keys of each call extend those of the one before
+                out = run(n)
+    assert torch.equal(out, ref)
+    assert trace.sequences == 1
+    for site in trace.sites:
+        assert trace.weights(site).shape[:2] == (2, 3)

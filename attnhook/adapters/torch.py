@@ -46,6 +46,8 @@ _PREFIX: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictiona
 def _project_keys(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   axis: int) -> torch.Tensor:
     # weight and bias may be slices of the packed projection: their versions are the parameters'
+    if key.is_inference():  # no version counter: only the prefix check, which compares values, applies
+        return _extend(m, key, weight, bias, axis)
     stamp = (key._version, id(m), weight._version, None if bias is None else bias._version, tuple(key.shape))
     ident = (id(key), id(m))  # one image's features feed every layer: one entry per (tensor, module)
     hit = _KEYS.get(ident)
