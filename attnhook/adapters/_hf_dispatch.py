@@ -103,6 +103,14 @@ def _slot(module):
     return None
 
 
+def plan_of(module: nn.Module):
+    """The active recording plan of this context that holds `module`, or None."""
+    for plan in _PLANS.get():
+        if plan.active and module in plan.modules:
+            return plan
+    return None
+
+
 # --- switching the lookups on and off ------------------------------------------------------------------
 def activate(plan: Plan) -> None:
     """Make this context's lookups see `plan` (and patch the lookups if no other recording has)."""
