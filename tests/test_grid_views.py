@@ -1,0 +1,193 @@
+"""Several views of one image (`Views`) inferred from the processor's output, checked against transformers' own code:
+the model's packing of the views into tokens (which key holds which tile cell) and the image processor's pixels
+(which original pixels each tile cell shows). Tiny random configs; no weights."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from attnhook.errors import GridError
+from attnhook.grid import Grid, Views, infer_grid
+
+T = pytest.importorskip("transformers")
+
+PINS = [[64, 128], [128, 64], [128, 128]]
+
+
+def clip(size, patch):
+    return dict(model_type="clip_vision_model", image_size=size, patch_size=patch, hidden_size=8,
+                intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+
+
+def coordinate_image(h, w):
+    """Channel 0 holds each pixel's x centre, channel 1 its y centre, scaled to [0, 255]."""
+    y, x = np.mgrid[0:h, 0:w] + 0.5
+    return np.rint(np.stack([x * 255 / w, y * 255 / h, np.zeros_like(x)], axis=-1)).astype(np.uint8)
+
+
+def _anyres_case(model_cls, config, size):
+    """Keys of one image as transformers packs them: each key's feature is its (tile, row, col) source; the
+    newline feature is -1."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    best = select_best_resolution(size, config.image_grid_pinpoints)
+    tiles = (best[0] // config.vision_config.image_size) * (best[1] // config.vision_config.image_size)
+    feats = torch.zeros(1 + tiles, side * side, 3)
+    for t in range(1 + tiles):
+        for k in range(side * side):
+            feats[t, k] = torch.tensor([t, k // side, k % side], dtype=torch.float32)
+    me = types.SimpleNamespace(config=config)  # pack_image_features reads only self.config
+    newline = torch.full((3,), -1.0)
+    if hasattr(config, "vision_aspect_ratio"):  # OneVision
+        packed, lens = model_cls.pack_image_features(me, [feats], torch.tensor([size]), newline,
+                                                     config.vision_aspect_ratio)
+    else:
+        packed, lens = model_cls.pack_image_features(me, [feats], torch.tensor([size]), "default", newline)
+    return packed[0], int(lens[0]), side, best
+
+
+@pytest.mark.parametrize("size", [(64, 128), (50, 128), (128, 90), (100, 100), (30, 120), (127, 64)])
+def test_anyres_views_follow_transformers_packing_and_the_processors_pixels(size):
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+
+    config = T.LlavaNextConfig(vision_config=clip(64, 16), image_token_index=7, image_grid_pinpoints=PINS)
+    packed, count, side, best = _anyres_case(LlavaNextModel, config, size)
+    ids = torch.tensor([[1, 2] + [7] * count + [3]])
+    views = infer_grid(count + 3, model=config, inputs={"input_ids": ids, "image_sizes": torch.tensor([size])})
+    assert isinstance(views, Views) and views.keys == count + 3 and (views.prefix, views.suffix) == (2, 1)
+    base, tiles = views.views
+    at = views.offsets()
+    # which key holds which source, per transformers' own packing
+    src = packed.long()
+    base_keys = at[0] + base.index()
+    assert torch.equal(src[base_keys - 2, 0], torch.zeros(side, side, dtype=torch.long))
+    assert torch.equal(src[base_keys - 2, 1], torch.arange(side)[:, None].expand(side, side))
+    tile_keys = at[1] + tiles.index()
+    newline = sorted(set(range(at[1], at[1] + tiles.keys)) - set(tile_keys.flatten().tolist()))
+    assert all((src[k - 2] == -1).all() for k in newline) and len(newline) == tiles.rows
+    # each tile cell's pixels, per the image processor, lie at the centre of the cell's box on the original image
+    processor = T.LlavaNextImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64},
+                                          image_grid_pinpoints=PINS, do_rescale=False, do_normalize=False)
+    pixels = processor(coordinate_image(*size), return_tensors="pt")["pixel_values"][0].float()  # (1 + tiles, 3, 64, 64)
+    assert pixels.shape[0] == 1 + (best[0] // 64) * (best[1] // 64)
+    checked = 0
+    for r in range(tiles.rows):
+        for c in range(tiles.cols):
+            x0, y0, x1, y1 = tiles.cell_box(r, c, size)
+            if x0 < 0 or y0 < 0 or x1 > size[1] or y1 > size[0]:
+                continue  # a cell over the canvas padding: no image pixels to compare
+            t, rr, cc = src[int(tile_keys[r, c]) - 2].tolist()
+            cell = pixels[t, :2, rr * 16:(rr + 1) * 16, cc * 16:(cc + 1) * 16].mean(dim=(1, 2))
+            want = torch.tensor([(x0 + x1) / 2 * 255 / size[1], (y0 + y1) / 2 * 255 / size[0]])
+            assert torch.allclose(cell, want, atol=255 * 1.5 / min(size)), (r, c, cell, want)
+            checked += 1
+    assert checked >= tiles.rows * tiles.cols // 2
+    base_pixels = pixels[0, :2].mean(dim=(1, 2))          # the base view: the whole image, squashed
+    assert torch.allclose(base_pixels, torch.tensor([127.5, 127.5]), atol=2)
+
+
+@pytest.mark.parametrize("size", [(128, 90), (40, 128), (128, 128)])
+def test_onevision_views_count_as_transformers_packs_them(size):
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    for cap in ("anyres_max_9", "anyres_max_1"):  # no shrinking, and the grid interpolated down
+        config = T.LlavaOnevisionConfig(vision_config=dict(clip(64, 16), model_type="siglip_vision_model"),
+                                        image_token_index=7, image_grid_pinpoints=PINS, vision_aspect_ratio=cap)
+        packed, count, side, _ = _anyres_case(LlavaOnevisionModel, config, size)
+        views = infer_grid(count, model=config, inputs={"input_ids": torch.full((1, count), 7),
+                                                        "image_sizes": torch.tensor([size])})
+        base, tiles = views.views
+        assert base.keys + tiles.keys == count
+        newline = (packed == -1).all(dim=-1).nonzero().flatten() - base.keys
+        assert newline.tolist() == [r * (tiles.cols + 1) + tiles.cols for r in range(tiles.rows)]
+
+
+def test_anyres_refusals_say_what_settles_them():
+    config = T.LlavaNextConfig(vision_config=clip(64, 16), image_token_index=7, image_grid_pinpoints=PINS)
+    ids = torch.tensor([[1] + [7] * 52 + [2]])
+    with pytest.raises(GridError, match="are 52, but") as info:
+        infer_grid(54, model=config, inputs={"input_ids": ids, "image_sizes": torch.tensor([[100, 100]])})
+    assert "grid=" in str(info.value)
+    with pytest.raises(GridError, match="multiples of the tile size"):
+        infer_grid(54, model=T.LlavaNextConfig(vision_config=clip(64, 16), image_token_index=7),
+                   inputs={"input_ids": ids, "image_sizes": torch.tensor([[64, 128]])})
+    with pytest.raises(GridError, match="2 images"):
+        infer_grid(54, model=config, inputs={"input_ids": ids, "image_sizes": torch.tensor([[64, 128], [64, 64]])})
+    with pytest.raises(GridError, match="image_sizes"):
+        infer_grid(54, model=config, inputs={"input_ids": ids, "image_sizes": torch.tensor([[0, 128]])})
+    full = T.LlavaNextConfig(vision_config=clip(64, 16), image_token_index=7, image_grid_pinpoints=PINS,
+                             vision_feature_select_strategy="full")
+    with pytest.raises(GridError, match="vision_feature_select_strategy"):
+        infer_grid(54, model=full, inputs={"input_ids": ids, "image_sizes": torch.tensor([[64, 128]])})
+    assert infer_grid(54, model=config, inputs={"input_ids": ids, "image_sizes": torch.tensor([[64, 128]])}).keys == 54
+
+
+def _split_ids(rows, cols, seq):
+    """input_ids as Idefics3's processor writes them: <fake><row_i_col_j> + image tokens per tile, a newline per
+    row, then a newline, <fake><global-img> + image tokens + <fake> (text ids 5, 6, 10, 11; image 9)."""
+    out = [1]
+    for _ in range(rows):
+        for _ in range(cols):
+            out += [5, 6] + [9] * seq
+        out += [10]
+    out += [10, 5, 11] + [9] * seq + [5, 2]
+    return torch.tensor([out])
+
+
+@pytest.mark.parametrize("size", [(40, 100), (100, 40), (30, 30), (33, 127), (500, 200)])
+def test_split_views_follow_the_image_processors_tiles(size):
+    config = T.Idefics3Config(vision_config=dict(image_size=32, patch_size=8), scale_factor=2, image_token_id=9)
+    processor = T.Idefics3ImageProcessor(size={"longest_edge": 128}, max_image_size={"longest_edge": 32},
+                                         do_rescale=False, do_normalize=False)
+    out = processor(coordinate_image(*size), return_tensors="pt", return_row_col_info=True)
+    rows, cols = out["rows"][0][0], out["cols"][0][0]
+    frames = out["pixel_values"][0].float()                               # (tiles + 1, 3, 32, 32)
+    ids = _split_ids(rows, cols, 4)
+    views = infer_grid(ids.shape[-1], image_size=size, model=config, inputs={"input_ids": ids}, processor=processor)
+    assert isinstance(views, Views) and len(views.views) == rows * cols + 1 == len(frames)
+    w = torch.arange(float(ids.shape[-1]))
+    for k, (view, at) in enumerate(zip(views.views, views.offsets())):
+        assert (ids[0, (at + view.index()).flatten()] == 9).all()         # every cell is an image token
+        assert view.index().numel() == 4 and view.take(w[at:at + view.keys]).shape == (2, 2)
+        x0, y0, x1, y1 = view.box if view.box is not None else (0, 0, size[1], size[0])
+        shown = frames[k, :2].mean(dim=(1, 2))                            # the pixels this view shows
+        want = torch.tensor([(x0 + x1) / 2 * 255 / size[1], (y0 + y1) / 2 * 255 / size[0]])
+        assert torch.allclose(shown, want, atol=3), (k, shown, want)
+
+
+def test_split_views_need_the_processor_and_agree_with_it():
+    config = T.SmolVLMConfig(vision_config=dict(image_size=32, patch_size=8), scale_factor=2, image_token_id=9)
+    ids = _split_ids(1, 2, 4)
+    with pytest.raises(GridError, match="processor="):
+        infer_grid(ids.shape[-1], image_size=(40, 100), model=config, inputs={"input_ids": ids})
+    settings = {"do_image_splitting": True, "size": {"longest_edge": 128}, "max_image_size": {"longest_edge": 32}}
+    with pytest.raises(GridError, match="2 x 4 tiles"):      # this processor would have cut 2 x 4 tiles
+        infer_grid(ids.shape[-1], image_size=(40, 100), model=config, inputs={"input_ids": ids}, processor=settings)
+    with pytest.raises(GridError, match="do_image_splitting"):
+        infer_grid(ids.shape[-1], image_size=(40, 100), model=config, inputs={"input_ids": ids},
+                   processor={"size": {"longest_edge": 128}})
+    one = torch.tensor([[1, 5, 11] + [9] * 4 + [5, 2]])                  # unsplit: one view, the grid rules decide
+    g = infer_grid(one.shape[-1], image_size=(40, 100), model=config, inputs={"input_ids": one},
+                   processor=dict(settings, do_image_splitting=False))
+    assert isinstance(g, Grid) and (g.prefix, g.rows, g.cols) == (3, 2, 2)
+
+
+def test_a_views_layout_given_by_hand_is_checked_and_kept():
+    views = Views([Grid(2, 2), Grid(2, 2, box=(0, 0, 10, 10))], prefix=1)
+    assert infer_grid(9, grid=views) is views
+    with pytest.raises(GridError, match="lays out 9 keys"):
+        infer_grid(10, grid=views)
+
+
+def test_explain_reads_a_views_layout():
+    from attnhook.grid import explain
+
+    config = T.LlavaNextConfig(vision_config=clip(64, 16), image_token_index=7, image_grid_pinpoints=PINS)
+    ids = torch.tensor([[1, 2] + [7] * 52 + [3]])
+    text = explain((1, 8, 55), model=config, inputs={"input_ids": ids, "image_sizes": torch.tensor([[50, 128]])})
+    assert "view 1 at key 18" in text and "box (0.0, -7.0, 128.0, 57.0)" in text and "per_view=True" in text
