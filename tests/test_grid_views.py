@@ -191,3 +191,21 @@ def test_explain_reads_a_views_layout():
     ids = torch.tensor([[1, 2] + [7] * 52 + [3]])
     text = explain((1, 8, 55), model=config, inputs={"input_ids": ids, "image_sizes": torch.tensor([[50, 128]])})
     assert "view 1 at key 18" in text and "box (0.0, -7.0, 128.0, 57.0)" in text and "per_view=True" in text
+
+
+def test_mllama_tiles_agree_with_the_aspect_ratio_mask():
+    """Mllama's tiles partition one canvas (a tiled Grid, not overlapping views); the mask of filled tiles the
+    processor returns must agree with the arrangement aspect_ratio_ids names."""
+    from PIL import Image
+
+    cfg = T.MllamaConfig()
+    tile = cfg.vision_config.image_size
+    proc = T.MllamaImageProcessorPil(size={"height": tile, "width": tile})
+    out = dict(proc(Image.new("RGB", (60, 50), (200, 200, 200)), return_tensors="pt"))
+    keys = cfg.vision_config.max_num_tiles * (1 + (tile // cfg.vision_config.patch_size) ** 2)
+    g = infer_grid(keys, image_size=(50, 60), model=cfg, inputs=out)
+    assert g.tiles[0] * g.tiles[1] == int(out["aspect_ratio_mask"][0, 0].sum())
+    bad = out["aspect_ratio_mask"].clone()
+    bad[0, 0] = 1                                                  # every tile marked filled
+    with pytest.raises(GridError, match="aspect_ratio_mask"):
+        infer_grid(keys, image_size=(50, 60), model=cfg, inputs=dict(out, aspect_ratio_mask=bad))
