@@ -276,7 +276,8 @@ def trace_html(trace) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AttnHookWarning)
             shown = viewer(gray, [str(w) for w in words[:len(maps)]], maps, grid=grid, layer_labels=labels,
-                           normalize="max" if maps.sum(axis=(-2, -1)).max() > 1 + 1e-3 else "mass")
+                           normalize="max" if maps.sum(axis=-1 if isinstance(grid, Regions) else (-2, -1)).max()
+                           > 1 + 1e-3 else "mass")
     except AttnHookError as e:  # a notebook repr should not raise for a trace it cannot draw: say why
         return table + f"<p>No viewer: {_text(str(e))}</p></div>"
     return table + shown.html + "</div>"
