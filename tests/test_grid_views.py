@@ -209,3 +209,35 @@ def test_mllama_tiles_agree_with_the_aspect_ratio_mask():
     bad[0, 0] = 1                                                  # every tile marked filled
     with pytest.raises(GridError, match="aspect_ratio_mask"):
         infer_grid(keys, image_size=(50, 60), model=cfg, inputs=dict(out, aspect_ratio_mask=bad))
+
+
+def test_views_compose_over_gathered_image_keys_by_hand():
+    """A decoder-only model's self-attention: trace.meta['image_keys'] gathers the image tokens, so the split views
+    are laid out without the text around and between them; the composed map adds each view's cell weight / cell
+    area at every pixel (views add up where they overlap), checked pixel by pixel."""
+    import attnhook as ah
+    from torch import nn
+
+    config = T.Idefics3Config(vision_config=dict(image_size=32, patch_size=8), scale_factor=2, image_token_id=9)
+    ids = _split_ids(1, 2, 4)                                              # 1 x 2 tiles + global, 4 tokens each
+    settings = {"do_image_splitting": True, "size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}
+    views = infer_grid(ids.shape[-1], image_size=(40, 100), model=config, inputs={"input_ids": ids},
+                       processor=settings)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, batch_first=True).eval()
+    with ah.record(layer) as trace:
+        layer(torch.randn(1, ids.shape[-1], 8))
+    image_keys = (ids[0] == 9).nonzero().flatten().tolist()
+    trace.meta["image_keys"] = [image_keys]
+    got = ah.attention_maps(trace, views, image_size=(40, 100))            # (batch, queries, H, W)
+    w = trace.weights(trace.sites[0]).float().mean(2)[0][:, image_keys]    # (queries, 12 image keys)
+    want = np.zeros((ids.shape[-1], 40, 100), np.float32)
+    for y in range(40):
+        for x in range(100):
+            tile = x // 50                                                 # tile j covers x in [50 j, 50 j + 50)
+            want[:, y, x] += w[:, 4 * tile + (y // 20) * 2 + (x % 50) // 25].numpy() / (20 * 25)
+            want[:, y, x] += w[:, 8 + (y // 20) * 2 + x // 50].numpy() / (20 * 50)      # the global view
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-9)
+    per_view = ah.attention_maps(trace, views, per_view=True)
+    assert [p.shape for p in per_view] == [(1, ids.shape[-1], 2, 2)] * 3
+    np.testing.assert_allclose(per_view[2][0].reshape(-1, 4), w[:, 8:].numpy(), atol=1e-6)
