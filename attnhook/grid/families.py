@@ -370,7 +370,7 @@ def image_token_id(config) -> int | None:
 
 def family_table() -> str:
     """The family table of docs/shapes.md, generated from `MODELS` (a test checks the page holds it)."""
-    lines = ["| family | models | decoder sees | refuses because |", "|---|---|---|---|"]
+    lines = ["| family | models | decoder sees | the config alone refuses because |", "|---|---|---|---|"]
     for m in MODELS:
         if m.special:
             sees = {"qwen2-vl": "per-image grids from `image_grid_thw` / `image_grid_hws`" + (
