@@ -241,3 +241,59 @@ def test_views_compose_over_gathered_image_keys_by_hand():
     per_view = ah.attention_maps(trace, views, per_view=True)
     assert [p.shape for p in per_view] == [(1, ids.shape[-1], 2, 2)] * 3
     np.testing.assert_allclose(per_view[2][0].reshape(-1, 4), w[:, 8:].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["llava_next", "llava_onevision"])
+def test_anyres_layouts_are_recovered_for_any_image_size(model):
+    """Property: for image sizes drawn at random (extreme aspect ratios included), the inferred views hold exactly
+    the keys transformers packs, with each newline where transformers puts it; never another layout."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    if model == "llava_next":
+        config, cls = T.LlavaNextConfig(vision_config=clip(64, 16), image_token_index=7,
+                                        image_grid_pinpoints=PINS + [[64, 192], [192, 64]]), LlavaNextModel
+    else:
+        config, cls = T.LlavaOnevisionConfig(vision_config=dict(clip(64, 16), model_type="siglip_vision_model"),
+                                             image_token_index=7, image_grid_pinpoints=PINS,
+                                             vision_aspect_ratio="anyres_max_2"), LlavaOnevisionModel
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.integers(1, 400), st.integers(1, 400))
+    def check(h, w):
+        packed, count, side, _ = _anyres_case(cls, config, (h, w))
+        inputs = {"input_ids": torch.tensor([[1] + [7] * count + [2]]), "image_sizes": torch.tensor([[h, w]])}
+        if not (packed[side * side:] != -1).any():  # unpadding left no tile cell (a sliver): refused, never guessed
+            with pytest.raises(GridError, match="no tile cells"):
+                infer_grid(count + 2, model=config, inputs=inputs)
+            return
+        views = infer_grid(count + 2, model=config, inputs=inputs)
+        base, tiles = views.views
+        assert views.keys == count + 2 and base.keys + tiles.keys == count
+        newline = ((packed == -1).all(dim=-1).nonzero().flatten() - base.keys).tolist()
+        assert newline == [r * (tiles.cols + 1) + tiles.cols for r in range(tiles.rows)]
+
+    check()
+
+
+def test_split_layouts_match_the_image_processor_for_any_image_size():
+    """Property: the tiles the processor cuts (rows x cols + a global view, or one view) are the views inferred."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    config = T.Idefics3Config(vision_config=dict(image_size=32, patch_size=8), scale_factor=2, image_token_id=9)
+    processor = T.Idefics3ImageProcessor(size={"longest_edge": 96}, max_image_size={"longest_edge": 32})
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.integers(2, 300), st.integers(2, 300))
+    def check(h, w):
+        out = processor(np.zeros((h, w, 3), np.uint8), return_tensors="pt", return_row_col_info=True)
+        rows, cols = out["rows"][0][0], out["cols"][0][0]
+        ids = _split_ids(rows, cols, 4) if rows else torch.tensor([[1, 5, 11] + [9] * 4 + [5, 2]])
+        got = infer_grid(ids.shape[-1], image_size=(h, w), model=config, inputs={"input_ids": ids},
+                         processor=processor)
+        assert len(got.views) == rows * cols + 1 == out["pixel_values"].shape[1] if rows else isinstance(got, Grid)
+
+    check()
