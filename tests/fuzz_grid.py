@@ -46,7 +46,7 @@ def _configs():
         lambda: T.FuyuConfig(), lambda: T.Blip2Config(), lambda: T.GotOcr2Config(), lambda: T.Dinov2Config(),
         lambda: T.DonutSwinConfig(), lambda: T.Ovis2Config(), lambda: T.AyaVisionConfig(), lambda: T.DeiTConfig(),
         lambda: T.LlavaNextConfig(image_token_index=7), lambda: T.LlavaOnevisionConfig(image_token_index=7),
-        lambda: T.SmolVLMConfig(image_token_id=7),
+        lambda: T.SmolVLMConfig(image_token_id=7), lambda: T.Phi4MultimodalConfig(),
     ]
     return [m().to_dict() for m in makers]
 
@@ -86,7 +86,8 @@ def _inputs(rng, keys):
     n = keys if isinstance(keys, int) and 0 < keys <= 4096 else rng.randint(1, 64)
     out = {}
     for name in rng.sample(["input_ids", "image_grid_thw", "image_grid_hws", "flattened_patches",
-                            "aspect_ratio_ids", "aspect_ratio_mask", "image_merge_sizes", "image_sizes"],
+                            "aspect_ratio_ids", "aspect_ratio_mask", "image_merge_sizes", "image_sizes",
+                            "image_attention_mask"],
                            rng.randint(0, 3)):
         if name == "input_ids":
             out[name] = _tensor(rng, n)

@@ -147,6 +147,15 @@ FAMILIES = [
      (2, 3, 1, 2, 1, (0, 0, 30, 30), (60, 30, 90, 60), "row separator")),
     ("Emu3", "VQ codes", lambda: T.Emu3Config(), 64, (64, 64), ("refuse", "VQ code")),
     ("Phi-4 multimodal", "HD crops", lambda: T.Phi4MultimodalConfig(), 1000, (448, 448), ("refuse", "HD crops")),
+    # a 40 x 100 image on a 56 x 112 canvas of 56 px crops, scaled to 112 x 44 (top left, 12 px of padding below:
+    # less than a 14 px patch, so no cell masked): 2 x 4 crop cells of 28 px, then the global view of the canvas
+    ("Phi-4 multimodal", "HD crops from the inputs", lambda: T.Phi4MultimodalConfig(vision_config=dict(
+        image_size=56, patch_size=14, crop_size=56)),
+     {"input_ids": ids(1, 2, (200010, 2 * 5 + 1 + 2 * 3), 3), "image_sizes": torch.tensor([[56, 112]]),
+      "image_attention_mask": torch.ones(1, 3, 4, 4)}, (40, 100),
+     ("views", 2, 1, [(2, 4, 0, 0, 1, (0, 0, 25, 40 / 44 * 28), (75, 40 / 44 * 28, 100, 40 / 44 * 56)),
+                      (2, 2, 1, 0, 1, (0, 0, 50, 40 / 44 * 28), (50, 40 / 44 * 28, 100, 40 / 44 * 56))],
+      "image_attention_mask")),
     ("BLIP-2 / InstructBLIP", "queries", lambda: T.Blip2Config(vision_config=dict(image_size=56, patch_size=14)), 32,
      (56, 56), ("refuse", "learned queries")),
     ("BLIP-2 / InstructBLIP", "Q-Former cross-attention keys", lambda: T.Blip2Config(

@@ -4,6 +4,7 @@ the model's packing of the views into tokens (which key holds which tile cell) a
 
 from __future__ import annotations
 
+import math
 import types
 
 import numpy as np
@@ -297,3 +298,97 @@ def test_split_layouts_match_the_image_processor_for_any_image_size():
         assert len(got.views) == rows * cols + 1 == out["pixel_values"].shape[1] if rows else isinstance(got, Grid)
 
     check()
+
+
+def _phi4_mask(h, w, crop, patch):
+    """The image processor's HD attention mask (dynamic_preprocess, transformers 5.x, read and written here):
+    ceil(H / crop) x ceil(W / crop) crops, the image scaled to fit and padded right and bottom, whole padded
+    patches masked; the global crop unmasked first."""
+    th, tw = math.ceil(h / crop), math.ceil(w / crop)
+    side = crop // patch
+    if tw * crop / w < th * crop / h:
+        pad_w, pad_h = 0, th * crop - int(h * tw * crop / w)
+    else:
+        pad_w, pad_h = tw * crop - int(w * th * crop / h), 0
+    mask = torch.ones(th * side, tw * side)
+    if pad_w >= patch:
+        mask[:, -math.floor(pad_w / patch):] = 0
+    if pad_h >= patch:
+        mask[-math.floor(pad_h / patch):, :] = 0
+    crops = mask.reshape(th, side, tw, side).transpose(1, 2).reshape(-1, side, side)
+    return (th * crop, tw * crop), torch.cat([torch.ones(1, side, side), crops])[None]
+
+
+@pytest.mark.parametrize("size", [(56, 56), (40, 100), (100, 30), (120, 120), (60, 170)])
+def test_phi4_hd_views_follow_transformers_image_embedding(size):
+    """Which key holds which crop cell, per transformers' own Phi4MultimodalImageEmbedding.forward (its vision
+    tower replaced by features that name their crop, row and column; its projections made the identity)."""
+    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalImageEmbedding
+
+    config = T.Phi4MultimodalConfig(hidden_size=4, vision_config=dict(
+        hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14,
+        crop_size=56))
+    canvas, mask = _phi4_mask(*size, 56, 14)
+    base, crops = 2, mask.shape[1]
+    emb = Phi4MultimodalImageEmbedding(config).eval()
+    feats = torch.tensor([[k, r, c, 7.0] for k in range(crops) for r in range(base) for c in range(base)])
+
+    def features(pixels, attention_mask=None):
+        return feats.reshape(crops, base * base, 4)
+
+    emb.get_img_features = features
+    with torch.no_grad():
+        for lin, bias in ((emb.img_projection_up, 100.0), (emb.img_projection_down, -100.0)):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.fill_(bias)                                        # gelu(x + 100) - 100 == x
+        emb.sub_img_feature_extensor.fill_(-1.0)
+        emb.global_img_feature_extensor.fill_(-2.0)
+    cells = mask[0, 1:, 0::2, 0::2].reshape(canvas[0] // 56, canvas[1] // 56, 2, 2).transpose(1, 2)
+    cells = cells.reshape(canvas[0] // 28, canvas[1] // 28)
+    uh, uw = int(cells[:, 0].sum()), int(cells[0, :].sum())
+    count = base * base + 1 + uh * uw + uh + base                  # the processor's num_img_tokens (base 16 there)
+    ids = torch.tensor([[1, 2] + [200010] * count + [3]])
+    with torch.no_grad():                                           # the model accepts exactly this many
+        out = emb(ids, torch.zeros(1, count + 3, 4), torch.zeros(1, crops, 3, 56, 56),
+                  image_sizes=torch.tensor([canvas]), image_attention_mask=mask)
+    src = out[0, 2:2 + count].round().long()
+    views = infer_grid(count + 3, image_size=size, model=config, inputs={
+        "input_ids": ids, "image_sizes": torch.tensor([canvas]), "image_attention_mask": mask})
+    assert isinstance(views, Views) and (views.prefix, views.suffix) == (2, 1) and views.keys == count + 3
+    hd, glob = views.views
+    at = views.offsets()
+    assert (hd.rows, hd.cols) == (uh, uw)
+    wr = canvas[1] // 56
+    for r in range(hd.rows):
+        for c in range(hd.cols):
+            k = src[at[0] - 2 + int(hd.index()[r, c])].tolist()
+            assert k == [(r // base) * wr + c // base + 1, r % base, c % base, 7]
+    for r in range(base):
+        for c in range(base):
+            assert src[at[1] - 2 + int(glob.index()[r, c])].tolist() == [0, r, c, 7]
+    others = set(range(count)) - {at[0] - 2 + int(i) for i in hd.index().flatten()} - \
+        {at[1] - 2 + int(i) for i in glob.index().flatten()}
+    assert all((src[i] < 0).all() for i in others) and len(others) == hd.rows + 1 + base
+    # on the original pixels: the global view covers the whole canvas, the crops' cells what they cover of it
+    h, w = size
+    fw, fh = (canvas[1], int(h * canvas[1] / w)) if canvas[1] / w < canvas[0] / h else (int(w * canvas[0] / h),
+                                                                                       canvas[0])
+    assert (glob.box or (0, 0, w, h)) == pytest.approx((0, 0, canvas[1] * w / fw, canvas[0] * h / fh))
+    assert hd.cell_box(0, 0, size) == pytest.approx((0, 0, 28 * w / fw, 28 * h / fh))
+
+
+def test_phi4_hd_refusals_say_what_settles_them():
+    config = T.Phi4MultimodalConfig(vision_config=dict(image_size=56, patch_size=14, crop_size=56))
+    ids = torch.tensor([[1] + [200010] * 17 + [2]])
+    inputs = {"input_ids": ids, "image_sizes": torch.tensor([[56, 112]]), "image_attention_mask": torch.ones(1, 3, 4, 4)}
+    with pytest.raises(GridError, match="image_size=") as info:
+        infer_grid(19, model=config, inputs=inputs)
+    assert "grid=" in str(info.value)
+    with pytest.raises(GridError, match="image_attention_mask"):
+        infer_grid(19, image_size=(40, 100), model=config, inputs={"input_ids": ids, "image_sizes": [[56, 112]]})
+    with pytest.raises(GridError, match="would give a canvas of 2 x 2"):
+        infer_grid(19, image_size=(100, 100), model=config, inputs=inputs)
+    with pytest.raises(GridError, match="are 17, but"):
+        infer_grid(19, image_size=(40, 100), model=config, inputs=dict(inputs, image_attention_mask=torch.ones(1, 3, 4, 4)
+                                                                          .index_fill_(3, torch.tensor([2, 3]), 0)))
+    assert infer_grid(19, image_size=(40, 100), model=config, inputs=inputs).keys == 19

@@ -10,6 +10,11 @@ Two mechanisms, named by the family table's `views` field:
   image tokens, then a global view (the image squashed to one tile); text tokens between the blocks. Laid out by
   the image size and the processor's `size['longest_edge']` and `max_image_size['longest_edge']`.
 
+- **hd** (Phi-4 multimodal): the HD crops of the image's canvas as one grid, cut to the cells the image fills
+  (`inputs['image_attention_mask']`), a separator after each row, one separator, then a global view of the whole
+  canvas with a separator after each row. Laid out by `inputs['image_sizes']` (the canvas), the mask and the
+  original image size.
+
 Each function mirrors the arithmetic of transformers 5.x (named in its docstring) and the result is checked
 against the image token runs of `input_ids`; anything that does not match is refused, saying what settles it.
 """
@@ -33,6 +38,8 @@ def _views_from_inputs(n, runs, f: _Facts, get, processor, prefix, size) -> _Can
         return _anyres(n, runs, f, get, prefix, size)
     if f.model.views == "split":
         return _split(n, runs, f, processor, prefix, size)
+    if f.model.views == "hd":
+        return _hd(n, runs, f, get, prefix, size)
     return None
 
 
@@ -268,3 +275,72 @@ def _split(n, runs, f: _Facts, processor, prefix, size) -> _Cand | None:
     return _Cand(Views(grids, runs[0][0], n - end,
                        f"split: {_fmt(size)} px to {rows} x {cols} tiles of {tile} px (size['longest_edge'] = "
                        f"{longest}) + a global view, each {stage.how} = {r} x {c}"), placed=False)
+
+
+# --- hd (Phi-4) ---------------------------------------------------------------------------------------------
+def _hd(n, runs, f: _Facts, get, prefix, size) -> _Cand:
+    """Phi4MultimodalImageEmbedding.forward (the crops' features, cut by the attention mask, a separator after
+    each row, the global separator, the global view) and the image processor's dynamic_preprocess (the image
+    scaled to fit the canvas of crops, anchored top left, padded right and bottom), transformers 5.x."""
+    from ._inputs import _int_tensor
+
+    vis = _get(f.config, "vision_config")
+    crop = _get(vis, "crop_size")
+    if f.patch is None or f.input_size is None or not (_is_int(crop) and 1 <= crop <= MAX_SIDE):
+        raise GridError(f"{f.name}: HD crops need vision_config.crop_size, image_size and patch_size (ints), got "
+                        f"{_short(crop)}, {_short(f.input_size)}, {_short(f.patch)}.")
+    base = (f.input_size[0] // f.patch[0]) // 2                  # the tower's patches, average-pooled 2 x 2
+    sizes, mask = get("image_sizes"), get("image_attention_mask")
+    if sizes is None or mask is None or size is None:
+        raise GridError(f"{f.name} lays out each image's HD crops by its size: pass inputs= with 'image_sizes' and "
+                        "'image_attention_mask' (the processor returns them) and image_size=(H, W) of the original "
+                        "image; or lay it out yourself: grid=Views([Grid(..., row_sep=1, box=...) per view]).")
+    canvas = _int_tensor(sizes, "image_sizes").reshape(-1, 2)
+    m = _int_tensor(mask, "image_attention_mask")
+    if len(runs) != 1 or len(canvas) != 1:
+        raise GridError(f"input_ids hold {len(runs)} runs of image tokens and image_sizes {len(canvas)} canvases: "
+                        "pass the inputs of one image (image_size= is that image's size), or grid=.")
+    hc, wc = (int(v) for v in canvas[0])
+    tiles = hc // crop, wc // crop
+    if hc % crop or wc % crop or min(tiles) < 1 or hc > MAX_SIDE or wc > MAX_SIDE:
+        raise GridError(f"inputs['image_sizes'] {_short(canvas[0].tolist())} is not a canvas of whole "
+                        f"{crop} px crops.")
+    h, w = size
+    if math.ceil(h / crop) * math.ceil(w / crop) <= 36 and (math.ceil(h / crop), math.ceil(w / crop)) != tiles:
+        raise GridError(f"image_size {_fmt(size)} would give a canvas of {math.ceil(h / crop)} x "
+                        f"{math.ceil(w / crop)} crops, but inputs['image_sizes'] says {tiles[0]} x {tiles[1]}: pass "
+                        "the original size of this image.")
+    side = 2 * base
+    if (m.dim() != 4 or m.shape[1] < 1 + tiles[0] * tiles[1] or tuple(m.shape[2:]) != (side, side)
+            or not ((m == 0) | (m == 1)).all()):
+        raise GridError(f"inputs['image_attention_mask'] must be (batch, crops, {side}, {side}) flags (0 or 1) with "
+                        f"at least {1 + tiles[0] * tiles[1]} crops, got shape {tuple(m.shape)}.")
+    cells = (m[0, 1:1 + tiles[0] * tiles[1], 0::2, 0::2].reshape(tiles[0], tiles[1], base, base)
+             .transpose(1, 2).reshape(tiles[0] * base, tiles[1] * base))
+    rows, cols = int(cells[:, 0].sum()), int(cells[0, :].sum())
+    if min(rows, cols) < 1:
+        raise GridError("inputs['image_attention_mask'] marks no crop cell of the image.")
+    start, end = runs[0]
+    count = rows * (cols + 1) + 1 + base * (base + 1)
+    if end - start != count:
+        raise GridError(f"The image tokens at keys {start}..{end - 1} are {end - start}, but {f.name}'s HD layout "
+                        f"of a {tiles[0]} x {tiles[1]} crop canvas with {rows} x {cols} cells in use has {count}. "
+                        "Pass the processor's output for this image, or grid=.")
+    if prefix not in (None, start):
+        raise GridError(f"prefix={prefix} is not where the image starts (key {start}).")
+    if wc / w < hc / h:                                           # scaled to fit, anchored top left
+        fw, fh = wc, int(h * (wc / w))
+    else:
+        fw, fh = int(w * (hc / h)), hc
+    cell = crop / base
+    sx, sy = w / max(fw, 1), h / max(fh, 1)
+    box = lambda x1, y1: (0.0, 0.0, round(x1 * sx, 4), round(y1 * sy, 4))  # noqa: E731
+    crops = Grid(rows, cols, 0, 0, f"hd: {tiles[0]} x {tiles[1]} crops of {crop} px (image_sizes), {rows} x {cols} "
+                 "cells in use (image_attention_mask), a separator after each row", box=box(cols * cell, rows * cell),
+                 row_sep=1)
+    glob = Grid(base, base, 1, 0, f"hd: the global view of the whole {hc} x {wc} canvas, a separator after each "
+                "row", box=box(wc, hc), row_sep=1, prefix_kind="separator")
+    return _Cand(Views([crops, glob], start, n - end, f"hd: {_fmt(size)} px on a {hc} x {wc} canvas (image_sizes) of {crop} px "
+                                               f"crops, {rows} x {cols} cells in use (image_attention_mask) + a "
+                                               "global view"),
+                 placed=False)

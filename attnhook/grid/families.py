@@ -54,7 +54,9 @@ class Model:
         (`attnhook.grid._views`): "anyres" (LLaVA-NeXT / OneVision: a base view plus tiles of
         `image_grid_pinpoints`, a newline after each row, from `inputs['image_sizes']`), "split" (Idefics3 /
         SmolVLM: rows x cols tiles plus a global view, from the image size and the processor's
-        `size` / `max_image_size`). `refuse` then says why the config alone does not tell.
+        `size` / `max_image_size`), "hd" (Phi-4: HD crops cut by `inputs['image_attention_mask']` plus a global
+        view, from `inputs['image_sizes']` and the image size). `refuse` then says why the config alone does not
+        tell.
     """
 
     name: str
@@ -144,10 +146,10 @@ MODELS: tuple[Model, ...] = (
           variable=True, refuse="the processor pads each image to its own patch grid (rows and cols come from inputs['input_ids'])"),
     Model("Emu3", ("emu3",), "Emu3", refuse="the image is written as VQ code tokens with an end-of-line token after "
                                             "each row, and the config names no image token id"),
-    Model("Phi-4 multimodal", ("phi4_multimodal",), "Phi-4",
+    Model("Phi-4 multimodal", ("phi4_multimodal",), "Phi-4", views="hd",
           refuse=f"{_VIEWS} (HD crops, each row ended by a separator, a separator, then a global view with row "
-                 "separators); the crops' place on the image follows the processor's dynamic HD resize, which "
-                 "attnhook does not model: pass grid=Grid(..., row_sep=1, box=...) per view in a Views"),
+                 "separators), laid out by each image's size: pass inputs= with input_ids, image_sizes and "
+                 "image_attention_mask, and image_size="),
     Model("BLIP-2 / InstructBLIP", ("blip-2", "instructblip", "instructblipvideo"),
           "BLIP-2, InstructBLIP, InstructBLIP-Video", learned_queries="num_query_tokens",
           refuse="the decoder attends to the Q-Former's learned queries, not to patches"),
@@ -394,7 +396,9 @@ def family_table() -> str:
                 parts.append({"anyres": "views: a base view + tiles from `image_grid_pinpoints` and "
                                         "`inputs['image_sizes']`, a newline after each tile row",
                               "split": "views: rows x cols tiles + a global view when the processor splits the "
-                                       "image (`processor=`, `image_size=`)"}[m.views])
+                                       "image (`processor=`, `image_size=`)",
+                              "hd": "views: HD crops cut by `inputs['image_attention_mask']` + a global view, "
+                                    "separators after rows (`inputs['image_sizes']`, `image_size=`)"}[m.views])
             sees = "; ".join(parts)
         lines.append(f"| {m.name} | {m.examples} | {sees} | {m.refuse or '-'} |")
     return "\n".join(lines)
