@@ -391,6 +391,9 @@ class Views:
         if not isinstance(self.rule, str):
             raise GridError(f"Views.rule must be a str, got {_short(self.rule)}.")
 
+    def __repr__(self) -> str:  # the views in words; each Grid in full is in `views`
+        return f"Views({len(self.views)} views, prefix={self.prefix}, suffix={self.suffix}, rule={self.rule!r})"
+
     @property
     def keys(self) -> int:
         """Number of keys this layout accounts for."""
