@@ -3,6 +3,8 @@ queries through their own maps over the patches. Pure torch; see `attnhook.maps.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .errors import GridError, SelectionError
@@ -24,12 +26,16 @@ def _views_maps(trace, views: Views, site, sequence, heads, layers, image_size, 
     per_site = []
     for s in sites:
         w = _one_call(trace, s, sequence, "mean")
-        if s.kind == "self":
+        laid = views
+        if s.kind == "self" and "image_keys" in trace.meta:
             w = _image_columns(w, trace.meta, s.name)
-        if w.shape[-1] != views.keys:
-            raise GridError(f"Site {s.name!r} has {w.shape[-1]} keys, but the views lay out {views.describe()}.")
+            if w.shape[-1] != views.keys:
+                laid = _image_keys_only(views)
+        if w.shape[-1] != laid.keys:
+            raise GridError(f"Site {s.name!r} has {w.shape[-1]} keys, but the views lay out {views.describe()}"
+                            + (f" ({laid.keys} of them image tokens)" if laid is not views else "") + ".")
         w = _reduce_heads(w, heads, s)
-        parts = [w[..., at:at + v.keys][..., v.index()] for at, v in zip(views.offsets(), views.views)]
+        parts = [w[..., at:at + v.keys][..., v.index()] for at, v in zip(laid.offsets(), laid.views)]
         if per_view:
             per_site.append(parts)
             continue
@@ -39,6 +45,13 @@ def _views_maps(trace, views: Views, site, sequence, heads, layers, image_size, 
         return [(o if layers == "all" else o.mean(dim=2)).numpy() for o in out]
     stacked = torch.stack(per_site, dim=2)
     return (stacked if layers == "all" else stacked.mean(dim=2)).numpy()
+
+
+def _image_keys_only(views: Views) -> Views:
+    """The views as laid out over the image tokens alone (`trace.meta["image_keys"]` gathered them): the text
+    before, after and between the views (`prefix_kind` / `suffix_kind` "text") is not among them."""
+    return Views([replace(v, prefix=0 if v.prefix_kind == "text" else v.prefix,
+                          suffix=0 if v.suffix_kind == "text" else v.suffix) for v in views.views], 0, 0, views.rule)
 
 
 def _spread(cells: torch.Tensor, grid: Grid, height: int, width: int) -> torch.Tensor:

@@ -1,6 +1,11 @@
 """How maps become colors, shared by `attnhook.render` and `attnhook.html`: maps upsampled onto pixels, turned
 into levels in [0, 1] by a stated normalization rule (with the colorbar's ticks), colored and blended over the
-image. The rules are described in `attnhook.render`'s docstring and docs/rendering.md."""
+image. The rules are described in `attnhook.render`'s docstring and docs/rendering.md.
+
+Region weights (`Regions`: one weight per detected box) take the same normalization, per region instead of per
+cell (`"mass"` compares a region's weight with the uniform `1 / regions`); each box is then filled with its level,
+where boxes overlap a pixel shows the strongest of them (`paint_regions(overlap="max")`), and every box is
+outlined in its level's color, weakest first, so the strongest box's outline lies on top."""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ from dataclasses import replace
 import numpy as np
 
 from .errors import AttnHookWarning, RenderError
-from .grid import Grid
-from .maps import upsample
+from .grid import Grid, Regions
+from .maps import paint_regions, region_outlines, upsample
 
 NORMALIZERS = ("mass", "max", "global", "minmax", None)
 
@@ -40,13 +45,23 @@ def _in_pixels(maps: np.ndarray, grid, image_hw) -> bool:
 
 def _levels(maps: np.ndarray, grid, image_hw, out_hw, sigma: float, normalize, names):
     """`(n, a, b)` maps as levels `(n, *out_hw)` in [0, 1], a mask of the all-zero maps (warned about), and
-    the scale: `{"rule", "label", "ticks": [(level, text), ...]}` for a colorbar."""
+    the scale: `{"rule", "label", "ticks": [(level, text), ...]}` for a colorbar. With `Regions`, `(n, regions)`
+    weights: the levels of each region (`scale["regions"]`, `(n, regions)`) are painted onto its box."""
     if normalize not in NORMALIZERS:
         raise RenderError(f"normalize must be 'mass', 'max', 'global', 'minmax' or None, got {normalize!r}.")
     raw = maps.reshape(len(maps), -1)
     if normalize in ("mass", "max", "global") and (raw.min(axis=1) < 0).any():
         raise RenderError(f"normalize={normalize!r} needs maps >= 0, got a minimum of {raw.min():.4g}. "
                           "Use normalize='minmax' for signed maps.")
+    if isinstance(grid, Regions):  # levels per region (a region is a cell), then painted onto the boxes
+        if maps.ndim != 2 or maps.shape[-1] != len(grid.boxes):
+            raise RenderError(f"Region weights must be one weight per region, ({len(grid.boxes)},) per map, got "
+                              f"shape {maps.shape[1:]}: pass attention_maps(trace, regions)[0, step].")
+        levels, blank, scale = _levels(maps[:, None, :], None, (1, maps.shape[-1]), (1, maps.shape[-1]), 0.0,
+                                       normalize, names)
+        per_region = levels[:, 0, :]
+        scale = dict(scale, label=scale["label"].replace("per cell", "per region"), regions=per_region)
+        return paint_regions(per_region, grid, out_hw, source_size=image_hw), blank, scale
     px = _pixels(maps, grid, image_hw, out_hw, sigma)
     cells = int(np.prod(maps.shape[-2:]))
     if normalize == "mass":
@@ -130,3 +145,28 @@ def _compose(rgb: np.ndarray, levels: np.ndarray, blank: np.ndarray, cmap, alpha
         a = (np.float32(alpha) * m)[..., None] if blend == "map" else np.float32(alpha)
         out[i] = np.rint(base + (colored - base) * a).astype(np.uint8)
     return out
+
+
+def _tiles(rgb: np.ndarray, maps: np.ndarray, grid, image_hw, sigma: float, normalize, names, cmap, alpha: float,
+           blend: str):
+    """`(n, H, W, 3)` uint8 pictures of the maps over `rgb` (the image at its drawn size), the all-zero mask and the
+    colorbar's scale; region maps get their boxes outlined (see the module docstring)."""
+    levels, blank, scale = _levels(maps, grid, image_hw, rgb.shape[:2], sigma, normalize, names)
+    tiles = _compose(rgb, levels, blank, cmap, alpha, blend)
+    if isinstance(grid, Regions):
+        _outline(tiles, grid, scale.pop("regions"), image_hw, cmap)
+    return tiles, blank, scale
+
+
+def _outline(tiles: np.ndarray, regions: Regions, levels: np.ndarray, image_hw, cmap) -> None:
+    """Draw every box's outline into `tiles` (in place), in the color of its level, weakest first. Lines are
+    1 px wide, 2 px when the picture's longer side is 512 px or more."""
+    height, width = tiles.shape[1:3]
+    sy, sx = height / image_hw[0], width / image_hw[1]
+    scaled = Regions([(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in regions.boxes])
+    line = 2 if max(height, width) >= 512 else 1
+    lut = _lut(cmap)
+    masks = [region_outlines(Regions([b]), (height, width), width=line) for b in scaled.boxes]
+    for tile, level in zip(tiles, levels):
+        for r in np.argsort(level, kind="stable"):
+            tile[masks[r]] = lut[int(round(float(level[r]) * 255))]

@@ -131,11 +131,7 @@ def grid(v, field, limits: Limits, image_size):
           f"must be [tile rows, tile cols] dividing the {g['rows']} x {g['cols']} grid, got {_show(tiles)}")
     box = g.get("box")
     if box is not None:
-        reach = BOX_REACH * (max(image_size) if image_size else MAX_SIDE)
-        _need(isinstance(box, list) and len(box) == 4
-              and all(type(x) in (int, float) and math.isfinite(x) and abs(x) <= reach for x in box), f"{field}.box",
-              f"must be null or [x0, y0, x1, y1], finite numbers within {reach:g} px, got {_show(box)}")
-        _need(box[0] < box[2] and box[1] < box[3], f"{field}.box", f"needs x0 < x1 and y0 < y1, got {box}")
+        _box(box, f"{field}.box", BOX_REACH * (max(image_size) if image_size else MAX_SIDE))
     try:
         built = Grid(**{k: tuple(x) if k in ("box", "tiles") and isinstance(x, list) else x for k, x in g.items()})
     except AttnHookError as e:
@@ -143,6 +139,78 @@ def grid(v, field, limits: Limits, image_size):
     _need(built.keys <= limits.max_keys, field,
           f"lays out {built.keys} keys, but no row of this trace has more than {limits.max_keys}")
     return built
+
+
+def regions(v, field, limits: Limits, image_size):
+    """A `{"__regions__": {...}}` object checked field by field (bounded: at most as many boxes as keys), then
+    built as `Regions`."""
+    from .errors import AttnHookError
+    from .grid import Regions
+
+    r = v["__regions__"]
+    field = f"{field}.__regions__"
+    _need(isinstance(r, dict), field, f"must be an object of Regions fields, got {_kind(r)}")
+    known = {f.name for f in fields(Regions)}
+    unknown = sorted(set(r) - known)
+    _need(not unknown, field, f"has unknown fields {unknown[:5]}; Regions have {sorted(known)}")
+    _need("boxes" in r, field, "needs 'boxes'")
+    for name in ("prefix", "suffix"):
+        if name in r:
+            _need(_is_int(r[name]) and 0 <= r[name] <= limits.max_keys, f"{field}.{name}",
+                  f"must be an integer in [0, {limits.max_keys}] (the most keys of any row), got {_show(r[name])}")
+    for name in ("rule", "prefix_kind", "suffix_kind"):
+        if name in r:
+            _text(r[name], f"{field}.{name}", MAX_WORD)
+    boxes = r["boxes"]
+    _need(isinstance(boxes, list) and 1 <= len(boxes) <= limits.max_keys, f"{field}.boxes",
+          f"must be a list of 1 to {limits.max_keys} boxes (no row of this trace has more keys), got {_show(boxes)}")
+    reach = BOX_REACH * (max(image_size) if image_size else MAX_SIDE)
+    for i, b in enumerate(boxes):
+        _box(b, f"{field}.boxes[{i}]", reach)
+    try:
+        built = Regions.from_json(r)
+    except AttnHookError as e:
+        raise Bad(field, f"is not valid Regions ({e})") from None
+    _need(built.keys <= limits.max_keys, field,
+          f"lays out {built.keys} keys, but no row of this trace has more than {limits.max_keys}")
+    return built
+
+
+def views(v, field, limits: Limits, image_size):
+    """A `{"__views__": {...}}` object: each view checked as a stored Grid, then built as `Views`."""
+    from .errors import AttnHookError
+    from .grid import Views
+
+    d = v["__views__"]
+    field = f"{field}.__views__"
+    _need(isinstance(d, dict), field, f"must be an object of Views fields, got {_kind(d)}")
+    known = {f.name for f in fields(Views)}
+    unknown = sorted(set(d) - known)
+    _need(not unknown, field, f"has unknown fields {unknown[:5]}; Views have {sorted(known)}")
+    _need("views" in d, field, "needs 'views'")
+    for name in ("prefix", "suffix"):
+        if name in d:
+            _need(_is_int(d[name]) and 0 <= d[name] <= limits.max_keys, f"{field}.{name}",
+                  f"must be an integer in [0, {limits.max_keys}] (the most keys of any row), got {_show(d[name])}")
+    if "rule" in d:
+        _text(d["rule"], f"{field}.rule", MAX_WORD)
+    _need(isinstance(d["views"], list) and 1 <= len(d["views"]) <= 1024, f"{field}.views",
+          f"must be a list of 1 to 1024 stored grids, got {_show(d['views'])}")
+    built = [grid({"__grid__": g}, f"{field}.views[{i}]", limits, image_size) for i, g in enumerate(d["views"])]
+    try:
+        out = Views(built, d.get("prefix", 0), d.get("suffix", 0), d.get("rule", "given"))
+    except AttnHookError as e:
+        raise Bad(field, f"is not valid Views ({e})") from None
+    _need(out.keys <= limits.max_keys, field,
+          f"lays out {out.keys} keys, but no row of this trace has more than {limits.max_keys}")
+    return out
+
+
+def _box(box, field, reach) -> None:
+    _need(isinstance(box, list) and len(box) == 4
+          and all(type(x) in (int, float) and math.isfinite(x) and abs(x) <= reach for x in box), field,
+          f"must be [x0, y0, x1, y1], finite numbers within {reach:g} px, got {_show(box)}")
+    _need(box[0] < box[2] and box[1] < box[3], field, f"needs x0 < x1 and y0 < y1, got {box}")
 
 
 def _image_keys(v, field, limits: Limits) -> None:
@@ -186,7 +254,8 @@ _SOURCES = ("image_token_id", "image_embeds_position_mask", "prepended")
 
 
 def check(meta: dict, limits: Limits) -> dict:
-    """Validate `meta` (parsed JSON); return it with every `{"__grid__": ...}` built as a `Grid`."""
+    """Validate `meta` (parsed JSON); return it with every stored layout built: `{"__grid__": ...}` as a `Grid`,
+    `{"__regions__": ...}` as `Regions`, `{"__views__": ...}` as `Views`."""
     _need(isinstance(meta, dict), "meta", f"must be an object, got {_kind(meta)}")
     m = "meta"
     if "model" in meta:
@@ -213,19 +282,27 @@ def check(meta: dict, limits: Limits) -> dict:
         _ints(meta["lengths"], f"{m}['lengths']", 0, _INT64 - 1, "step counts")
     size = _image_size(meta["image_size"], f"{m}['image_size']") if "image_size" in meta else None
     if "grid" in meta:
-        _need(_is_grid(meta["grid"]), f"{m}['grid']", f"must be a stored Grid {{'__grid__': {{...}}}}, got "
-              f"{_kind(meta['grid'])}")
+        _need(_layout_tag(meta["grid"]) is not None, f"{m}['grid']", "must be a stored layout {'__grid__': {...}}, "
+              f"{{'__regions__': {{...}}}} or {{'__views__': {{...}}}}, got {_kind(meta['grid'])}")
     return _grids(meta, m, limits, size)
 
 
-def _is_grid(v) -> bool:
-    return isinstance(v, dict) and set(v) == {"__grid__"}
+_LAYOUTS = {"__grid__": grid, "__regions__": regions, "__views__": views}
+
+
+def _layout_tag(v) -> str | None:
+    """The tag of a stored layout (`{"__grid__": ...}`, `{"__regions__": ...}`, `{"__views__": ...}`), else None."""
+    if isinstance(v, dict) and len(v) == 1:
+        (key,) = v
+        return key if key in _LAYOUTS else None
+    return None
 
 
 def _grids(value, field, limits, size):
-    """Build every stored Grid, wherever it sits (recursion is safe: the reader bounds the nesting)."""
-    if _is_grid(value):
-        return grid(value, field, limits, size)
+    """Build every stored layout, wherever it sits (recursion is safe: the reader bounds the nesting)."""
+    tag = _layout_tag(value)
+    if tag is not None:
+        return _LAYOUTS[tag](value, field, limits, size)
     if isinstance(value, dict):
         return {k: _grids(v, f"{field}[{k!r}]", limits, size) for k, v in value.items()}
     if isinstance(value, list):

@@ -81,8 +81,9 @@ _SCRIPT = r"""
   const bytes = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
   const floats = (s) => new Float32Array(bytes(s).buffer);
   const maps = bytes(D.maps), lut = bytes(D.lut), tops = floats(D.tops);
-  const big = { ay: floats(D.ay), ax: floats(D.ax), H: D.height, W: D.width };
-  const small = { ay: floats(D.ty), ax: floats(D.tx), H: D.thumb[0], W: D.thumb[1] };
+  const big = { ay: floats(D.ay), ax: floats(D.ax), H: D.height, W: D.width, spans: D.regions && D.regions.big };
+  const small = { ay: floats(D.ty), ax: floats(D.tx), H: D.thumb[0], W: D.thumb[1],
+                  spans: D.regions && D.regions.small };
   const R = D.rows, C = D.cols, NW = D.words.length, NL = D.layers.length, NH = D.heads.length;
   const canvas = q(".ah-map"), image = q(".ah-image");
   canvas.width = D.width; canvas.height = D.height;
@@ -95,8 +96,41 @@ _SCRIPT = r"""
   picture.src = D.image;
   image.src = D.image;
 
+  // regions: one value per box (the map's C cells); a pixel in several boxes takes the largest
+  function values(word, layer, head) {
+    const m = (word * NL + layer) * NH + head, off = m * R * C, scale = tops[m] / 255, v = new Float32Array(C);
+    for (let k = 0; k < C; k++) v[k] = maps[off + k] * scale;
+    return v;
+  }
+  function boxes(v, g) {
+    const out = new Float32Array(g.H * g.W);
+    g.spans.forEach(([c0, r0, c1, r1], k) => {
+      for (let y = r0; y < r1; y++) for (let x = c0, o = y * g.W; x < c1; x++) if (out[o + x] < v[k]) out[o + x] = v[k];
+    });
+    return out;
+  }
+  // the level shown at each pixel: of the smoothed field, or (regions) of each box's own value
+  function levelMap(word, layer, head, g) {
+    return g.spans ? boxes(levels(values(word, layer, head)), g) : levels(field(word, layer, head, g));
+  }
+  // each box's outline in its level's color, weakest first (as attnhook.render); lines 2 px from 512 px on
+  function outline(ctx, word, layer, head, g) {
+    if (!g.spans) return;
+    const lv = levels(values(word, layer, head)), w = Math.max(g.W, g.H) >= 512 ? 2 : 1;
+    const order = Array.from(lv.keys()).sort((a, b) => lv[a] - lv[b] || a - b);
+    for (const k of order) {
+      const [c0, r0, c1, r1] = g.spans[k], i = 3 * Math.round(255 * lv[k]);
+      if (c1 <= c0 || r1 <= r0) continue;
+      ctx.fillStyle = "rgb(" + lut[i] + "," + lut[i + 1] + "," + lut[i + 2] + ")";
+      const bw = Math.min(w, c1 - c0), bh = Math.min(w, r1 - r0);
+      ctx.fillRect(c0, r0, c1 - c0, bh); ctx.fillRect(c0, r1 - bh, c1 - c0, bh);
+      ctx.fillRect(c0, r0, bw, r1 - r0); ctx.fillRect(c1 - bw, r0, bw, r1 - r0);
+    }
+  }
+
   // the same separable smoothing + upsampling as attnhook.maps.upsample: field = ay . M . ax^T
   function field(word, layer, head, g) {
+    if (g.spans) return boxes(values(word, layer, head), g);
     const m = (word * NL + layer) * NH + head, off = m * R * C, scale = tops[m] / 255;
     const t = new Float32Array(R * g.W), out = new Float32Array(g.H * g.W);
     for (let r = 0; r < R; r++) for (let c = 0; c < C; c++) {
@@ -140,9 +174,10 @@ _SCRIPT = r"""
     ctx.drawImage(picture, 0, 0, small.W, small.H);
     const over = document.createElement("canvas");
     over.width = small.W; over.height = small.H;
-    over.getContext("2d").putImageData(paint(over.getContext("2d"), levels(field(word, layer, head, small)),
+    over.getContext("2d").putImageData(paint(over.getContext("2d"), levelMap(word, layer, head, small),
                                              small.W, small.H, 0.9), 0, 0);
     ctx.drawImage(over, 0, 0);
+    outline(ctx, word, layer, head, small);
   }
 
   function figure(host, text, hover, onclick) {
@@ -202,7 +237,9 @@ _SCRIPT = r"""
   const status = q(".ah-status"), ctx = canvas.getContext("2d");
   function show(word) {
     const f = field(word, state.layer, state.head, big);
-    ctx.putImageData(paint(ctx, levels(f), big.W, big.H, state.alpha), 0, 0);
+    ctx.putImageData(paint(ctx, big.spans ? levelMap(word, state.layer, state.head, big) : levels(f), big.W, big.H,
+                           state.alpha), 0, 0);
+    outline(ctx, word, state.layer, state.head, big);
     viewer.field = f;
     state.shown = word;
     canvas.style.visibility = state.original ? "hidden" : "visible";

@@ -8,7 +8,9 @@ and upsamples them with the same matrices as `attnhook.maps.upsample()`, so what
 What the page offers: the map of the selected word over the image (opacity follows the map, as in
 `overlay()`), a colorbar naming the normalization, an overview strip of every word's small map, a heads x
 layers grid of small maps for the selected word, layer and head menus with readable labels (the module path
-on hover), the original image one key away (`o`), and the arrow keys to move between words.
+on hover), the original image one key away (`o`), and the arrow keys to move between words. With a `Regions`
+layout (detected boxes) it draws what `overlay()` draws: each box filled with its weight's level, the strongest
+box winning where they overlap, every box outlined in its level's color, weakest first.
 
 Safety: every word, label and title reaches the page only inside the JSON data block (every `<`, `>` and `&`
 escaped as `\\u003c`, `\\u003e`, `\\u0026`) and is put into the page with `textContent`, never as markup; the
@@ -30,9 +32,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import AttnHookError, AttnHookWarning, RenderError
-from .grid import Grid
+from .grid import Grid, Regions
 from ._viewer_page import _FRAGMENT, _PAGE, _SCRIPT, _STYLE
-from .maps import SIGMA, _as_maps, _axis
+from .maps import SIGMA, _as_maps, _axis, _pixel_spans
 from .render import ALPHA, CMAP, _check_words, _labels, _lut, _rgb
 
 THUMB = 96  # longer side, in pixels, of the small maps in the overview strip and the heads x layers grid
@@ -78,7 +80,8 @@ def viewer(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA
         maps: `(words, rows, cols)`, `(words, heads, rows, cols)` or `(words, layers, heads, rows, cols)`,
             e.g. `attention_maps(trace, grid, heads="all", layers="all")[0, :len(words)]`. Where there are
             several heads or layers, the viewer also offers their mean (shown first).
-        grid: the grid the maps lie on; None means their `(rows, cols)` cover the whole image.
+        grid: the grid the maps lie on; None means their `(rows, cols)` cover the whole image. Or a `Regions`
+            layout: the maps are then one weight per region, `(words, [layers, heads,] regions)`.
         sigma: Gaussian smoothing in grid cells, as in `upsample()`.
         cmap: matplotlib colormap or name; alpha: the map's opacity where its level is 1 (a slider changes it).
         normalize: `"mass"` (attention per cell against the uniform `1 / cells`, as in `overlay()`) or `"max"`
@@ -101,7 +104,17 @@ def viewer(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA
     """
     words = _check_words(words)
     rgb = _rgb(image)
-    arr = _as_maps(maps)
+    regions = grid if isinstance(grid, Regions) else None
+    if regions is not None:  # one weight per region: a 1 x regions "grid" whose cells the page paints as boxes
+        from .render import _check_maps
+
+        arr = _check_maps(maps, None, "maps", "", regions)
+        if not 2 <= arr.ndim <= 4:
+            raise RenderError(f"With Regions, maps must be (words, regions), (words, heads, regions) or "
+                              f"(words, layers, heads, regions), got shape {arr.shape}.")
+        arr = arr.reshape(arr.shape[:-1] + (1, arr.shape[-1]))
+    else:
+        arr = _as_maps(maps)
     if not 3 <= arr.ndim <= 5:
         raise RenderError(f"maps must be (words, rows, cols), (words, heads, rows, cols) or "
                           f"(words, layers, heads, rows, cols), got shape {arr.shape}.")
@@ -124,6 +137,8 @@ def viewer(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA
         if (rows, cols) == (height, width):
             sigma = 0.0  # maps in pixels: resized, not smoothed
         grid = Grid(rows, cols)
+    if regions is not None:
+        grid = Grid(1, cols)  # the page paints boxes, not this grid; the names below stay those of a grid
     if not isinstance(grid, Grid) or (grid.rows, grid.cols) != (rows, cols):
         raise RenderError(f"Maps of shape {arr.shape} do not fit the grid {grid!r}: their last two axes must be "
                           "(rows, cols) of the grid. Pass the grid the maps were made with.")
@@ -165,6 +180,9 @@ def viewer(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA
 
     def axes(size):
         sy, sx = size[0] / height, size[1] / width
+        if regions is not None:  # each box as the pixel span paint_regions() would fill at this size
+            boxes = [(a * sx, b * sy, c * sx, d * sy) for a, b, c, d in regions.boxes]
+            return "", [list(span) for span in _pixel_spans(boxes, size[0], size[1])]
         ay = _axis(size[0], rows, float(y0 * sy), float(y1 * sy), float(sigma)).numpy()
         ax = _axis(size[1], cols, float(x0 * sx), float(x1 * sx), float(sigma)).numpy()
         return _b64(ay.astype("<f4")), _b64(ax.astype("<f4"))
@@ -176,14 +194,18 @@ def viewer(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA
     picture.save(buffer, format=image_format.upper(), **({"quality": 90} if image_format == "jpeg" else {}))
     cells = int(rows * cols)
     (ay, ax), (ty, tx) = axes(shown), axes(thumb)
+    spans = None
+    if regions is not None:  # axes() gave ("", pixel spans) at each size
+        spans, ax, tx = {"big": ax, "small": tx}, "", ""
     caption = " ".join(words)
     title = caption if title is None else str(title)
     data = {
         "title": title, "words": words, "layers": layer_names, "layerHover": layer_hover, "heads": head_names,
         "rows": int(rows), "cols": int(cols), "height": shown[0], "width": shown[1], "thumb": list(thumb),
-        "alpha": float(alpha), "normalize": normalize, "cells": cells, "ticks": _ticks(normalize, cells),
+        "alpha": float(alpha), "normalize": normalize, "cells": cells,
+        "ticks": _ticks(normalize, cells, "region" if regions is not None else "cell"),
         "maps": _b64(quantized), "tops": _b64(top.astype("<f4")), "ay": ay, "ax": ax, "ty": ty, "tx": tx,
-        "lut": _b64(_lut(cmap)),
+        "lut": _b64(_lut(cmap)), "regions": spans,
         "image": f"data:image/{image_format};base64,{base64.b64encode(buffer.getvalue()).decode()}",
     }
     key = uuid.uuid4().hex
@@ -241,7 +263,7 @@ def trace_html(trace) -> str:
     words, grid, size = meta.get("words"), meta.get("grid"), meta.get("image_size")
     while isinstance(words, list) and words and isinstance(words[0], list):
         words = words[0]
-    if not (words and isinstance(grid, Grid) and isinstance(size, (list, tuple)) and len(size) == 2):
+    if not (words and isinstance(grid, (Grid, Regions)) and isinstance(size, (list, tuple)) and len(size) == 2):
         return table + ("<p>To see the viewer here, set <code>trace.meta</code> keys <code>words</code>, "
                         "<code>grid</code> and <code>image_size</code>, or call <code>attnhook.html.viewer(image, "
                         "words, maps)</code>.</p></div>")
@@ -254,7 +276,8 @@ def trace_html(trace) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AttnHookWarning)
             shown = viewer(gray, [str(w) for w in words[:len(maps)]], maps, grid=grid, layer_labels=labels,
-                           normalize="max" if maps.sum(axis=(-2, -1)).max() > 1 + 1e-3 else "mass")
+                           normalize="max" if maps.sum(axis=-1 if isinstance(grid, Regions) else (-2, -1)).max()
+                           > 1 + 1e-3 else "mass")
     except AttnHookError as e:  # a notebook repr should not raise for a trace it cannot draw: say why
         return table + f"<p>No viewer: {_text(str(e))}</p></div>"
     return table + shown.html + "</div>"
@@ -290,7 +313,7 @@ def _layer_labels(labels, n: int) -> tuple[list[str], list[str]]:
     return short, hover
 
 
-def _ticks(normalize: str, cells: int) -> list:
+def _ticks(normalize: str, cells: int, unit: str = "cell") -> list:
     if normalize == "max":
         return {"label": "share of each map's maximum", "ticks": [[0, "0"], [0.5, "0.5"], [1, "1"]]}
     base = max(cells, 2)
@@ -298,7 +321,7 @@ def _ticks(normalize: str, cells: int) -> list:
     ticks = [[float(np.log(2.0 ** k) / np.log(base)), f"{2 ** k}x"] for k in range(0, int(np.log2(base)) + 1, step)]
     if ticks[-1][0] < 0.97:
         ticks.append([1.0, f"{cells}x"])
-    return {"label": f"attention per cell (x uniform 1/{cells})", "ticks": ticks}
+    return {"label": f"attention per {unit} (x uniform 1/{cells})", "ticks": ticks}
 
 
 def _text(value: str) -> str:

@@ -21,6 +21,10 @@ How a map becomes color (see docs/rendering.md):
   everywhere (the look of attnhook 0.1 is `cmap="jet", alpha=0.5, blend="constant", normalize="max"`).
 - The default colormap, `"inferno"`, is perceptually uniform. Figures carry a colorbar that says which rule
   made the levels.
+- **Regions** (`grid=` a `Regions` layout, maps one weight per detected box, `(..., regions)`): each box is
+  filled with its weight's level (the same normalization, per region: `"mass"` against the uniform
+  `1 / regions`); where boxes overlap, a pixel shows the strongest of them; every box is outlined in its level's
+  color, weakest first, so the strongest box's outline is on top. No smoothing.
 - **Size**: figures and GIFs draw the image with its longer side at most `MAX_SIZE` pixels (a photo is
   shrunk first, then the maps are upsampled straight to that size); `save_gif(max_size=)` overrides it.
 """
@@ -36,8 +40,8 @@ import torch
 from PIL import Image
 
 from .errors import RenderError
-from .grid import Grid
-from ._levels import NORMALIZERS, _compose, _levels, _lut  # noqa: F401 (NORMALIZERS: public)
+from .grid import Grid, Regions
+from ._levels import NORMALIZERS, _compose, _levels, _lut, _tiles  # noqa: F401 (NORMALIZERS: public)
 from .maps import SIGMA, _as_maps
 
 CMAP = "inferno"
@@ -53,8 +57,9 @@ def overlay(image, map, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=
 
     Args:
         image: PIL image (RGB or L), or array `(H, W, 3)` / `(H, W)`, uint8 or float in [0, 1].
-        map: `(rows, cols)` on `grid`, or `(H, W)` in image pixels.
-        grid: the grid the map lies on; None means the map's shape covers the whole image.
+        map: `(rows, cols)` on `grid`, or `(H, W)` in image pixels; with `Regions`, `(regions,)`.
+        grid: the grid the map lies on; None means the map's shape covers the whole image. A `Regions` layout
+            draws each box filled with its weight and outlined (see the module docstring).
         sigma: Gaussian smoothing in grid cells (`attnhook.maps.SIGMA` by default); 0 is plain bilinear.
         cmap: a matplotlib colormap or its name (default `"inferno"`).
         alpha: opacity of the colored map where its level is 1, from 0 (image only) to 1.
@@ -74,11 +79,15 @@ def overlay(image, map, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=
         >>> flat = np.full((6, 8), 1 / 48)                     # uniform attention: the plain image
         >>> bool((np.asarray(overlay(image, flat)) == image).all())
         True
+        >>> from attnhook.grid import Regions                  # detected boxes: one weight per region
+        >>> boxes = Regions([(0, 0, 32, 24), (16, 12, 64, 48)])
+        >>> overlay(image, np.array([0.2, 0.8]), grid=boxes).size
+        (64, 48)
     """
     rgb = _rgb(image)
-    maps = _check_maps(map, 2, "map", "(rows, cols) or (height, width)")
-    levels, blank, _ = _levels(maps[None], grid, rgb.shape[:2], rgb.shape[:2], sigma, normalize, ["the map"])
-    return Image.fromarray(_compose(rgb, levels, blank, cmap, alpha, blend)[0])
+    maps = _check_maps(map, 2, "map", "(rows, cols) or (height, width)", grid)
+    tiles, _, _ = _tiles(rgb, maps[None], grid, rgb.shape[:2], sigma, normalize, ["the map"], cmap, alpha, blend)
+    return Image.fromarray(tiles[0])
 
 
 def plot_words(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP,
@@ -89,7 +98,8 @@ def plot_words(image, words, maps, *, grid: Grid | None = None, sigma: float = S
     Args:
         image: PIL image or array `(H, W, 3)` / `(H, W)`.
         words: the caption's words (or tokens), one per map.
-        maps: `(words, rows, cols)` on `grid` or `(words, H, W)` in pixels, e.g. `attention_maps(...)[0]`.
+        maps: `(words, rows, cols)` on `grid` or `(words, H, W)` in pixels, e.g. `attention_maps(...)[0]`;
+            with `grid=` a `Regions` layout, `(words, regions)`.
         grid, sigma, cmap, alpha, normalize, blend: as in `overlay()`; `normalize="global"` divides every map
             by the largest value of all of them, so words can be compared; `"mass"` (the default) compares too.
         ncols: panels per row.
@@ -114,15 +124,14 @@ def plot_words(image, words, maps, *, grid: Grid | None = None, sigma: float = S
     words = _check_words(words)
     full = _rgb(image)
     rgb = _fit(full)
-    maps = _check_maps(maps, 3, "maps", "(words, rows, cols) or (words, height, width)")
+    maps = _check_maps(maps, 3, "maps", "(words, rows, cols) or (words, height, width)", grid)
     if len(words) != len(maps):
         raise RenderError(
             f"{len(words)} words but {len(maps)} maps: expected one map per word. Slice the maps to the words "
             "(e.g. attention_maps(...)[0, :len(words)]) or pass the words the maps were made for."
         )
     names = [repr(w) for w in words]
-    levels, blank, scale = _levels(maps, grid, full.shape[:2], rgb.shape[:2], sigma, normalize, names)
-    tiles = _compose(rgb, levels, blank, cmap, alpha, blend)
+    tiles, blank, scale = _tiles(rgb, maps, grid, full.shape[:2], sigma, normalize, names, cmap, alpha, blend)
     if not isinstance(ncols, int) or ncols < 1:
         raise RenderError(f"ncols must be a positive int, got {ncols!r}.")
     ncols = min(ncols, len(words))
@@ -157,18 +166,19 @@ def plot_heads(image, maps, *, word: str | None = None, labels=None, layer_label
     """
     full = _rgb(image)
     rgb = _fit(full)
-    arr = _as_maps(maps)
-    if arr.ndim == 3:
+    regions = isinstance(grid, Regions)
+    arr = _check_maps(maps, None, "maps", "", grid)
+    if arr.ndim == 3 - regions:
         arr = arr[None]
-    elif arr.ndim != 4:
-        raise RenderError(f"maps must be (heads, rows, cols) or (layers, heads, rows, cols), got shape {arr.shape}.")
+    elif arr.ndim != 4 - regions:
+        raise RenderError(f"maps must be (heads, rows, cols) or (layers, heads, rows, cols) (with Regions "
+                          f"(heads, regions) or (layers, heads, regions)), got shape {arr.shape}.")
     layers, heads = arr.shape[:2]
     labels = _labels(labels, heads, "head")
     rows = _labels(layer_labels, layers, "layer") if layers > 1 or layer_labels is not None else None
     names = [f"{r or ''} {h}".strip() for r in (rows or [None]) for h in labels]
-    levels, blank, scale = _levels(arr.reshape(-1, *arr.shape[2:]), grid, full.shape[:2], rgb.shape[:2], sigma,
-                                   normalize, names)
-    tiles = _compose(rgb, levels, blank, cmap, alpha, blend)
+    tiles, blank, scale = _tiles(rgb, arr.reshape(-1, *arr.shape[2:]), grid, full.shape[:2], sigma, normalize,
+                                 names, cmap, alpha, blend)
     return _panels(tiles, labels * layers, rows, layers, heads, word, panel_size, fig, ax,
                    scale if colorbar else None, cmap)
 
@@ -195,10 +205,9 @@ def plot_layers(image, maps, *, word: str | None = None, labels=None, grid: Grid
     """
     full = _rgb(image)
     rgb = _fit(full)
-    arr = _check_maps(maps, 3, "maps", "(layers, rows, cols)")
+    arr = _check_maps(maps, 3, "maps", "(layers, rows, cols)", grid)
     labels = _labels(labels, len(arr), "layer")
-    levels, blank, scale = _levels(arr, grid, full.shape[:2], rgb.shape[:2], sigma, normalize, labels)
-    tiles = _compose(rgb, levels, blank, cmap, alpha, blend)
+    tiles, blank, scale = _tiles(rgb, arr, grid, full.shape[:2], sigma, normalize, labels, cmap, alpha, blend)
     return _panels(tiles, labels, None, 1, len(arr), word, panel_size, fig, ax, scale if colorbar else None, cmap)
 
 
@@ -232,7 +241,7 @@ def save_gif(path, image, words, maps, *, grid: Grid | None = None, sigma: float
     """
     words = _check_words(words)
     rgb = _rgb(image)
-    maps = _check_maps(maps, 3, "maps", "(words, rows, cols) or (words, height, width)")
+    maps = _check_maps(maps, 3, "maps", "(words, rows, cols) or (words, height, width)", grid)
     if len(words) != len(maps):
         raise RenderError(f"{len(words)} words but {len(maps)} maps: expected one map per word.")
     if not (isinstance(duration, int) and duration > 0):
@@ -257,8 +266,8 @@ def save_gif(path, image, words, maps, *, grid: Grid | None = None, sigma: float
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     big = rgb if size == (height, width) else np.asarray(
         Image.fromarray(rgb).resize(size[::-1], Image.BICUBIC if scale > 1 else Image.LANCZOS))
-    levels, blank, _ = _levels(maps, grid, (height, width), size, sigma, normalize, [repr(w) for w in words])
-    tiles = _compose(big, levels, blank, cmap, alpha, blend)
+    tiles, _, _ = _tiles(big, maps, grid, (height, width), sigma, normalize, [repr(w) for w in words], cmap, alpha,
+                         blend)
     frames = [_with_caption(tile, words, i) for i, tile in enumerate(tiles)]
     options = {"lossless": False, "quality": 80, "method": 4} if kind == "webp" else {}
     frames[0].save(path, format=kind.upper(), save_all=True, append_images=frames[1:], duration=duration, loop=0,
@@ -323,10 +332,24 @@ def _check_words(words) -> list[str]:
     return words
 
 
-def _check_maps(maps, ndim: int, name: str, expected: str) -> np.ndarray:
-    arr = _as_maps(maps)
-    if arr.ndim != ndim:
-        raise RenderError(f"{name} must be {expected}, got shape {arr.shape}.")
+def _check_maps(maps, ndim, name: str, expected: str, grid=None) -> np.ndarray:
+    """The maps as a float32 array of `ndim` axes (None: any); with `Regions`, one axis fewer: `(..., regions)`."""
+    if not isinstance(grid, Regions):
+        arr = _as_maps(maps)
+        if ndim is not None and arr.ndim != ndim:
+            raise RenderError(f"{name} must be {expected}, got shape {arr.shape}.")
+        return arr
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().cpu().float().numpy()
+    try:
+        arr = np.asarray(maps, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise RenderError(f"{name} must be a numeric array of region weights, got {type(maps).__name__}.") from None
+    arr = _as_maps(arr[..., None, :])[..., 0, :] if arr.ndim else _as_maps(arr[None, None])
+    if (ndim is not None and arr.ndim != ndim - 1) or arr.shape[-1] != len(grid.boxes):
+        want = expected.replace("rows, cols", "regions").split(" or ")[0] if ndim is not None else "(..., regions)"
+        raise RenderError(f"{name} must be {want} with one weight per region of the Regions layout "
+                          f"({len(grid.boxes)}), got shape {arr.shape}. Pass attention_maps(trace, regions)[0].")
     return arr
 
 

@@ -419,10 +419,14 @@ def _tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
 
 
 def _to_json(value, where: str):
-    from .grid import Grid
+    from .grid import Grid, Regions, Views
 
     if isinstance(value, Grid):
         return {"__grid__": value.to_json()}
+    if isinstance(value, Regions):
+        return {"__regions__": value.to_json()}
+    if isinstance(value, Views):
+        return {"__views__": value.to_json()}
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise TraceFileError(f"{where} has a non-string key; trace metadata must be JSON (string keys).")
@@ -434,4 +438,4 @@ def _to_json(value, where: str):
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     raise TraceFileError(f"{where} is a {type(value).__name__}; trace metadata must be JSON: strings, numbers, "
-                         "lists, dicts (and a Grid). Convert it before saving.")
+                         "lists, dicts (and a Grid, Regions or Views layout). Convert it before saving.")

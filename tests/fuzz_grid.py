@@ -20,7 +20,7 @@ import traceback
 import torch
 
 from attnhook.errors import AttnHookError
-from attnhook.grid import Grid, Preprocess, Regions, explain, infer_grid
+from attnhook.grid import Grid, Preprocess, Regions, Views, explain, infer_grid
 
 BAD = ["x", "", None, [], [1, 2, 3], [0, 0], (-1, 4), -1, 0, 1, 2, 3.5, float("nan"), float("inf"), -float("inf"),
        1e30, 10 ** 30, True, False, {"a": 1}, {"height": "x"}, {"height": 0, "width": 5}, [[1, 2], "a"], b"\x00",
@@ -29,7 +29,8 @@ FIELDS = ["patch_size", "image_size", "spatial_merge_size", "scale_factor", "dow
           "mm_tokens_per_image", "num_register_tokens", "depths", "supported_aspect_ratios", "max_num_tiles",
           "image_token_id", "image_token_index", "video_token_index", "vision_feature_select_strategy",
           "model_type", "hidden_stride", "pixel_shuffle_ratio", "num_query_tokens", "merge_kernel_size",
-          "pooling_kernel_size", "num_attention_heads", "vision_config", "text_config", "encoder"]
+          "pooling_kernel_size", "num_attention_heads", "vision_config", "text_config", "encoder",
+          "image_grid_pinpoints", "vision_aspect_ratio"]
 
 
 def _configs():
@@ -44,6 +45,8 @@ def _configs():
         lambda: T.InternVLConfig(), lambda: T.Llama4Config(), lambda: T.Gemma3Config(), lambda: T.Mistral3Config(),
         lambda: T.FuyuConfig(), lambda: T.Blip2Config(), lambda: T.GotOcr2Config(), lambda: T.Dinov2Config(),
         lambda: T.DonutSwinConfig(), lambda: T.Ovis2Config(), lambda: T.AyaVisionConfig(), lambda: T.DeiTConfig(),
+        lambda: T.LlavaNextConfig(image_token_index=7), lambda: T.LlavaOnevisionConfig(image_token_index=7),
+        lambda: T.SmolVLMConfig(image_token_id=7), lambda: T.Phi4MultimodalConfig(),
     ]
     return [m().to_dict() for m in makers]
 
@@ -83,7 +86,9 @@ def _inputs(rng, keys):
     n = keys if isinstance(keys, int) and 0 < keys <= 4096 else rng.randint(1, 64)
     out = {}
     for name in rng.sample(["input_ids", "image_grid_thw", "image_grid_hws", "flattened_patches",
-                            "aspect_ratio_ids", "image_merge_sizes"], rng.randint(0, 3)):
+                            "aspect_ratio_ids", "aspect_ratio_mask", "image_merge_sizes", "image_sizes",
+                            "image_attention_mask"],
+                           rng.randint(0, 3)):
         if name == "input_ids":
             out[name] = _tensor(rng, n)
         elif name == "flattened_patches":
@@ -106,6 +111,8 @@ def _processor(rng):
         {"do_pad": True, "pad_size": rng.choice(BAD)}, {"size": {"shortest_edge": 224}, "crop_pct": rng.choice(BAD)},
         {"max_patches": rng.choice(BAD + [16])}, {"max_image_tiles": rng.choice(BAD + [4])}, {"merge_size": 2},
         {"size": {"height": 10 ** 9, "width": 5}}, "processor", 3,
+        {"do_image_splitting": rng.choice([True, False, "x"]), "size": {"longest_edge": rng.choice(BAD + [1456])},
+         "max_image_size": {"longest_edge": rng.choice(BAD + [364])}}, {"image_grid_pinpoints": rng.choice(BAD)},
     ])
 
 
@@ -159,7 +166,7 @@ def check(case) -> str | None:
         g = infer_grid(**case)
         OUTCOMES["returned"] += 1
         expected = case["keys"] if isinstance(case["keys"], int) else getattr(case["keys"], "shape", [0])[-1]
-        if not isinstance(g, (Grid, Regions)) or g.keys != expected:
+        if not isinstance(g, (Grid, Regions, Views)) or g.keys != expected:
             return f"layout {g!r} does not account for {expected} keys"
     except AttnHookError:
         OUTCOMES["refused"] += 1

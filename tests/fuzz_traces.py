@@ -54,6 +54,8 @@ def _hostile(rng: random.Random):
             [[[]]], [0, 0], [1, 2], [1, 2, 3, 4], [10**9, 10**9], [100000, 100000], [0.5, "a"], ["a", "b"],
             ["1", "2", "3", "4"], [float("nan")] * 4, [-1e9, -1e9, 1e9, 1e9], [0, 0, 1e12, 1e12],
             {}, {"__grid__": {}}, {"__grid__": {"rows": 10**9, "cols": 10**9}}, {"__grid__": None},
+            {"__regions__": {}}, {"__regions__": {"boxes": [[0, 0, 1, 1]] * 10**5}}, {"__views__": {"views": None}},
+            {"__views__": {"views": [{"rows": 1, "cols": 1}] * 5000}}, {"__regions__": None, "__views__": None},
             {"__grid__": {"rows": 2, "cols": 3, "prefix": 1, "box": ["a", "b", "c", "d"]}},
             [[["a"] * 3]], [[[1, 2, 3]]], [[[0, 1]]], [[list(range(7))]], [[[0, 5, 3]]], list(range(100000)),
             {"sites": {"x": 3}}, {"sites": []}]
@@ -88,6 +90,14 @@ def _plausible(key: str, rng: random.Random):
         return [rng.choice([0, 1, 3, 10**12]) for _ in range(rng.choice([0, 1, 2]))]
     if key == "transformers":
         return {"sites": {"x": rng.choice(["attention_interface", "hook", 3])}}
+    if key == "grid" and rng.random() < 0.3:  # detected regions or several views
+        box = lambda: rng.choice([[0, 0, 10, 8], [5.5, 1, 48, 32], [-10, 0, 1e6, 1e-9], [4, 4, 0, 0], [0, 0, 1]])
+        if rng.random() < 0.5:
+            return {"__regions__": {"boxes": [box() for _ in range(rng.choice([0, 1, 6, 7, 8]))],
+                                    "prefix": rng.choice([0, 1, 2]), "suffix": rng.choice([0, 1])}}
+        return {"__views__": {"views": [{"rows": rng.choice([1, 2, 3]), "cols": rng.choice([1, 3]),
+                                         "box": rng.choice([None, box()])} for _ in range(rng.choice([0, 1, 2, 3]))],
+                              "prefix": rng.choice([0, 1]), "suffix": rng.choice([0, 1])}}
     if key == "grid":
         rows, cols = rng.choice([(1, 1), (2, 3), (3, 2), (1, 6), (6, 1), (8, 12), (12, 8), (4, 4), (10**6, 1)])
         g = {"rows": rows, "cols": cols, "prefix": rng.choice([0, 1, 2]), "suffix": rng.choice([0, 1])}

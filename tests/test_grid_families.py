@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnhook.errors import AmbiguousGrid, GridError
-from attnhook.grid import MODELS, Grid, image_token_ids, infer_grid
+from attnhook.grid import MODELS, Grid, Views, image_token_ids, infer_grid
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -36,9 +36,14 @@ def siglip(size, patch):
                 intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
 
 
-# (family, id, config, keys or inputs, image size, expected)
+PINS = [[64, 128], [128, 64], [128, 128]]  # image_grid_pinpoints for 64 px tiles
+SPLIT = {"do_image_splitting": True, "size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}}
+
+# (family, id, config, keys or inputs (or (inputs, processor)), image size, expected)
 # expected: (rows, cols, prefix, suffix, row_sep, first cell box, last cell box, a config field the rule names)
 #           or ("refuse", pattern of the refusal)
+#           or ("views", prefix, suffix, [(rows, cols, prefix, suffix, row_sep, first cell box, last cell box) per view],
+#               a config field the rule names)
 FAMILIES = [
     ("Llava", "decoder", lambda: T.LlavaConfig(vision_config=clip(64, 16), image_token_index=7),
      {"input_ids": ids(1, 2, 3, (7, 16), 4, 5)}, (64, 64),
@@ -47,12 +52,25 @@ FAMILIES = [
      (4, 4, 1, 0, 0, (0, 0, 16, 16), (48, 48, 64, 64), "patch 16 x 16")),
     ("VipLlava", "decoder", lambda: T.VipLlavaConfig(vision_config=clip(64, 16)), 16, (64, 64),
      (4, 4, 0, 0, 0, (0, 0, 16, 16), (48, 48, 64, 64), "without the tower's CLS")),
-    ("LLaVA-NeXT", "views", lambda: T.LlavaNextConfig(vision_config=clip(64, 16), image_token_index=7),
-     {"input_ids": ids(1, (7, 16 + 64 + 8), 2)}, (64, 128), ("refuse", "several views")),
+    # anyres: a 50 x 128 image fits the 64 x 128 pinpoint (1 x 2 tiles of 64 px), pasted 7 px down the canvas; the
+    # 4 x 8 tile cells keep every row (unpad cuts none), so their box reaches 7 px above and below the image
+    ("LLaVA-NeXT", "anyres views", lambda: T.LlavaNextConfig(vision_config=clip(64, 16), image_token_index=7,
+                                                             image_grid_pinpoints=PINS),
+     {"input_ids": ids(1, 2, (7, 16 + 4 * 9), 3), "image_sizes": torch.tensor([[50, 128]])}, (50, 128),
+     ("views", 2, 1, [(4, 4, 0, 0, 0, (0, 0, 32, 12.5), (96, 37.5, 128, 50)),
+                      (4, 8, 0, 0, 1, (0, -7, 16, 9), (112, 41, 128, 57))], "image_grid_pinpoints")),
+    ("LLaVA-NeXT", "views without image sizes", lambda: T.LlavaNextConfig(vision_config=clip(64, 16),
+                                                                          image_token_index=7),
+     {"input_ids": ids(1, (7, 52), 2, (7, 52))}, None, ("refuse", "image_sizes")),
     ("LLaVA-NeXT", "tower", lambda: T.LlavaNextConfig(vision_config=clip(64, 16)), 17, (64, 64),
      (4, 4, 1, 0, 0, (0, 0, 16, 16), (48, 48, 64, 64), "")),
-    ("LLaVA-OneVision", "views", lambda: T.LlavaOnevisionConfig(vision_config=siglip(64, 16), image_token_index=7),
-     {"input_ids": ids(1, (7, 40), 2)}, (64, 64), ("refuse", "several views")),
+    # a 128 x 90 image: 2 x 2 tiles (8 x 8 cells), unpad keeps columns 1..6 (the image is pasted 19 px in from the
+    # left of the 128 px canvas, 90 px wide), then anyres_max_1 shrinks 8 x 6 by sqrt(48 / 16) to 4 x 3
+    ("LLaVA-OneVision", "anyres views, shrunk", lambda: T.LlavaOnevisionConfig(
+        vision_config=siglip(64, 16), image_token_index=7, image_grid_pinpoints=PINS, vision_aspect_ratio="anyres_max_1"),
+     {"input_ids": ids(1, (7, 16 + 4 * 4), 2), "image_sizes": torch.tensor([[128, 90]])}, (128, 90),
+     ("views", 1, 1, [(4, 4, 0, 0, 0, (0, 0, 22.5, 32), (67.5, 96, 90, 128)),
+                      (4, 3, 0, 0, 1, (-3, 0, 29, 32), (61, 96, 93, 128))], "anyres_max_1")),
     ("PaliGemma", "decoder", lambda: T.PaliGemmaConfig(vision_config=siglip(64, 16)), 16, (64, 64),
      (4, 4, 0, 0, 0, (0, 0, 16, 16), (48, 48, 64, 64), "")),
     ("GIT", "decoder", lambda: T.GitConfig(vision_config=dict(image_size=64, patch_size=16)), 17 + 3, (64, 64),
@@ -60,6 +78,17 @@ FAMILIES = [
     ("Idefics3 / SmolVLM", "decoder", lambda: T.Idefics3Config(
         vision_config=dict(image_size=64, patch_size=8), scale_factor=2, image_token_id=9),
      {"input_ids": ids(1, 2, (9, 16), 3)}, (64, 64), (4, 4, 2, 1, 0, (0, 0, 16, 16), (48, 48, 64, 64), "")),
+    # split: a 40 x 100 image, long side to 64 (26 x 64), up to multiples of 32: 1 x 2 tiles + the global view,
+    # each 32 px tile 4 x 4 patches of 8 px shuffled to 2 x 2; text tokens (<fake>, <row_i_col_j>, newlines) between
+    ("Idefics3 / SmolVLM", "split views", lambda: T.Idefics3Config(
+        vision_config=dict(image_size=32, patch_size=8), scale_factor=2, image_token_id=9),
+     ({"input_ids": ids(1, 5, 6, (9, 4), 5, 6, (9, 4), 10, 10, 5, 11, (9, 4), 5, 2)}, SPLIT), (40, 100),
+     ("views", 3, 2, [(2, 2, 0, 0, 0, (0, 0, 25, 20), (25, 20, 50, 40)),
+                      (2, 2, 2, 0, 0, (50, 0, 75, 20), (75, 20, 100, 40)),
+                      (2, 2, 4, 0, 0, (0, 0, 50, 20), (50, 20, 100, 40))], "size['longest_edge']")),
+    ("Idefics3 / SmolVLM", "split views without the processor", lambda: T.SmolVLMConfig(
+        vision_config=dict(image_size=32, patch_size=8), scale_factor=2, image_token_id=9),
+     {"input_ids": ids(1, (9, 4), 5, (9, 4), 5, (9, 4))}, (40, 100), ("refuse", "processor=")),
     ("Idefics3 / SmolVLM", "decoder-count", lambda: T.SmolVLMConfig(
         vision_config=dict(image_size=64, patch_size=8), scale_factor=2), 16, (64, 64),
      (4, 4, 0, 0, 0, (0, 0, 16, 16), (48, 48, 64, 64), "scale_factor")),
@@ -118,6 +147,15 @@ FAMILIES = [
      (2, 3, 1, 2, 1, (0, 0, 30, 30), (60, 30, 90, 60), "row separator")),
     ("Emu3", "VQ codes", lambda: T.Emu3Config(), 64, (64, 64), ("refuse", "VQ code")),
     ("Phi-4 multimodal", "HD crops", lambda: T.Phi4MultimodalConfig(), 1000, (448, 448), ("refuse", "HD crops")),
+    # a 40 x 100 image on a 56 x 112 canvas of 56 px crops, scaled to 112 x 44 (top left, 12 px of padding below:
+    # less than a 14 px patch, so no cell masked): 2 x 4 crop cells of 28 px, then the global view of the canvas
+    ("Phi-4 multimodal", "HD crops from the inputs", lambda: T.Phi4MultimodalConfig(vision_config=dict(
+        image_size=56, patch_size=14, crop_size=56)),
+     {"input_ids": ids(1, 2, (200010, 2 * 5 + 1 + 2 * 3), 3), "image_sizes": torch.tensor([[56, 112]]),
+      "image_attention_mask": torch.ones(1, 3, 4, 4)}, (40, 100),
+     ("views", 2, 1, [(2, 4, 0, 0, 1, (0, 0, 25, 40 / 44 * 28), (75, 40 / 44 * 28, 100, 40 / 44 * 56)),
+                      (2, 2, 1, 0, 1, (0, 0, 50, 40 / 44 * 28), (50, 40 / 44 * 28, 100, 40 / 44 * 56))],
+      "image_attention_mask")),
     ("BLIP-2 / InstructBLIP", "queries", lambda: T.Blip2Config(vision_config=dict(image_size=56, patch_size=14)), 32,
      (56, 56), ("refuse", "learned queries")),
     ("BLIP-2 / InstructBLIP", "Q-Former cross-attention keys", lambda: T.Blip2Config(
@@ -138,6 +176,10 @@ FAMILIES = [
 
 
 def _call(config, keys, size):
+    if isinstance(keys, tuple):
+        inputs, processor = keys
+        return infer_grid(inputs["input_ids"].shape[-1], image_size=size, model=config, inputs=inputs,
+                          processor=processor)
     if isinstance(keys, dict):
         n = keys["input_ids"].shape[-1] if "input_ids" in keys else int(torch.as_tensor(keys["image_grid_hws"]).prod()) // 4
         return infer_grid(n, image_size=size, model=config, inputs=keys)
@@ -151,6 +193,18 @@ def test_family_layout_or_refusal(family, case, make, keys, size, expected):
         with pytest.raises(GridError, match=expected[1]) as info:
             _call(config, keys, size)
         assert "grid=" in str(info.value) or "Q-Former" in str(info.value)
+        return
+    if expected[0] == "views":
+        _, prefix, suffix, views, field = expected
+        got = _call(config, keys, size)
+        assert isinstance(got, Views) and (got.prefix, got.suffix) == (prefix, suffix), got.describe()
+        assert got.keys == (keys[0] if isinstance(keys, tuple) else keys)[
+            "input_ids"].shape[-1]
+        assert field in got.rule, got.rule
+        assert len(got.views) == len(views)
+        for g, (rows, cols, vprefix, vsuffix, row_sep, first, last) in zip(got.views, views):
+            assert (g.rows, g.cols, g.prefix, g.suffix, g.row_sep) == (rows, cols, vprefix, vsuffix, row_sep), g
+            assert g.cell_box(0, 0, size) == pytest.approx(first) and g.cell_box(-1, -1, size) == pytest.approx(last)
         return
     rows, cols, prefix, suffix, row_sep, first, last, field = expected
     g = _call(config, keys, size)

@@ -326,3 +326,64 @@ def test_a_trace_with_hostile_site_names_and_words_displays_safely(tmp_path, ope
     assert shown == {"pwned": None, "imgs": 0, "cell": "blocks.<img src=x onerror=window[`pwned`]=7>.multihead_attn",
                      "words": 3}
     assert page.problems == []
+
+
+# --- regions -----------------------------------------------------------------------------------------------
+
+BOXES = [(2, 2, 40, 30), (30, 15, 90, 60), (60, 0, 108, 20)]
+REGION_WEIGHTS = np.array([[0.2, 0.5, 0.05], [0.7, 0.1, 0.2]], np.float32)   # (words, regions)
+
+
+def test_region_maps_travel_as_one_weight_per_box(tmp_path):
+    from attnhook.grid import Regions
+
+    path = save_html(tmp_path / "r.html", picture(), ["a", "dog"], REGION_WEIGHTS, grid=Regions(BOXES),
+                     display_size=216)                                  # twice the 72 x 108 picture
+    data = page_data(path)
+    assert (data["rows"], data["cols"]) == (1, 3) and data["ticks"]["label"] == "attention per region (x uniform 1/3)"
+    # the pixel span of each box: pixels whose centre lies inside, at the displayed size
+    assert data["regions"]["big"] == [[4, 4, 80, 60], [60, 30, 180, 120], [120, 0, 216, 40]]
+    with pytest.raises(RenderError, match="one weight per region"):
+        viewer(picture(), ["a", "dog"], np.ones((2, 4)) / 4, grid=Regions(BOXES))
+
+
+def test_region_boxes_are_filled_and_outlined_in_chromium(tmp_path, open_page):
+    from attnhook.grid import Regions
+    from attnhook.maps import paint_regions, region_outlines
+    from attnhook.render import _lut
+
+    regions = Regions(BOXES)
+    path = save_html(tmp_path / "r.html", picture(), ["a", "dog"], REGION_WEIGHTS, grid=regions, normalize="max",
+                     alpha=0.8, display_size=108)
+    page = open_page(path)
+    lut = _lut("inferno")
+    for word in (0, 1):
+        page.locator(".ah-word").nth(word).click()
+        field = np.asarray(page.evaluate("Array.from(document.querySelector('.attnhook-viewer').attnhook.field)"),
+                           np.float32).reshape(72, 108)
+        want = paint_regions(REGION_WEIGHTS[word], regions, (72, 108))
+        np.testing.assert_allclose(field, want, atol=REGION_WEIGHTS[word].max() / 255)
+        rgba = np.asarray(page.evaluate("""() => Array.from(document.querySelector('.ah-map').getContext('2d')
+            .getImageData(0, 0, 108, 72).data)"""), np.uint8).reshape(72, 108, 4)
+        level = REGION_WEIGHTS[word] / REGION_WEIGHTS[word].max()
+        strongest = int(level.argmax())
+        for r in np.argsort(level, kind="stable"):                      # outlines, weakest first: the last wins
+            mask = region_outlines(Regions([BOXES[r]]), (72, 108))
+            if r == strongest:
+                assert (rgba[mask][:, :3] == lut[int(round(level[r] * 255))]).all() and (rgba[mask][:, 3] == 255).all()
+        x0, y0, x1, y1 = BOXES[strongest]                               # inside it: its color, at opacity alpha
+        y, x = (y0 + y1) // 2, (x0 + x1) // 2
+        assert tuple(rgba[y, x, :3]) == tuple(lut[255]) and abs(int(rgba[y, x, 3]) - round(255 * 0.8)) <= 1
+        assert rgba[71, 107, 3] == 0                                    # under no box: the plain image
+    assert page.problems == []
+
+
+def test_a_trace_with_regions_in_its_meta_shows_the_viewer():
+    from attnhook.grid import Regions
+
+    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(D, HEADS, batch_first=True), 1).eval()
+    with ah.record(decoder, sites="cross") as trace:
+        decoder(torch.randn(1, 2, D), torch.randn(1, 1 + len(BOXES), D))
+    trace.meta.update(words=[["a", "dog"]], grid=Regions(BOXES, prefix=1), image_size=[72, 108])
+    shown = trace._repr_html_()
+    assert "attnhook-viewer" in shown and "attention per region" in shown

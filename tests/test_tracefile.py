@@ -8,6 +8,7 @@ import struct
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -133,6 +134,72 @@ def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path, edit, expect
     with pytest.raises(TraceFileError, match=expected) as err:
         ah.load(_rewrite(tmp_path, edit_header=edit))
     assert "bad.safetensors" in str(err.value)
+
+
+def test_regions_and_views_layouts_round_trip_and_map_alike(tmp_path):
+    from attnhook.grid import Regions, Views
+
+    for layout in (Regions([(0, 0, 10, 8), (5, 4, 48, 32), (0, 16, 20, 32), (30, 0, 48, 10), (1, 1, 2, 2),
+                            (40, 20, 47.5, 31.25)], prefix=1, prefix_kind="global feature", rule="given: boxes"),
+                   Views([Grid(1, 3), Grid(1, 3, box=(0, -7, 48, 40.5), row_sep=0)], prefix=1, rule="two views")):
+        trace = golden_trace()
+        trace.meta.update(grid=layout, nested={"again": [layout]})
+        loaded = ah.load(trace.save(tmp_path / "layout.safetensors"))
+        assert loaded.meta["grid"] == layout and type(loaded.meta["grid"]) is type(layout)
+        assert loaded.meta["nested"]["again"][0] == layout
+        kw = {"image_size": (32, 48)} if isinstance(layout, Views) else {}
+        np.testing.assert_array_equal(ah.attention_maps(trace, layout, **kw),
+                                      ah.attention_maps(loaded, loaded.meta["grid"], **kw))
+
+
+_REGIONS = {"boxes": [[0, 0, 4, 4]] * 6, "prefix": 1, "suffix": 0, "rule": "given", "prefix_kind": "",
+            "suffix_kind": ""}
+_VIEWS = {"views": [{"rows": 1, "cols": 3}, {"rows": 1, "cols": 3, "box": [0, 0, 24, 32]}], "prefix": 1,
+          "suffix": 0, "rule": "given"}
+
+
+def test_saved_regions_and_views_follow_the_published_json_schema(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from attnhook.grid import Regions, Views
+
+    schema = json.loads((ROOT / "docs" / "trace-format.schema.json").read_text())
+    for layout in (Regions([(0, 0, 4, 4)] * 6, prefix=1), Views([Grid(1, 3), Grid(1, 3, box=(0, 0, 24, 32))], 1),
+                   Grid(2, 3, prefix=1, row_sep=0), Grid(1, 2, prefix=1, suffix=2, row_sep=1)):
+        trace = golden_trace()
+        trace.meta["grid"] = layout
+        jsonschema.validate(_header_of(trace.save(tmp_path / "s.safetensors").read_bytes()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**_header_of(GOLDEN.read_bytes()), "meta": {"grid": {"__views__": {"prefix": 1}}}},
+                            schema)
+
+
+@pytest.mark.parametrize("layout,expected", [
+    ({"__regions__": dict(_REGIONS, boxes=[[0, 0, 4, 4]] * 8)}, "1 to 7 boxes"),
+    ({"__regions__": dict(_REGIONS, boxes=[[0, 0, 4, 4]] * 5 + [[0, 0, 1e300, 4]])}, r"boxes\[5\] must be"),
+    ({"__regions__": dict(_REGIONS, boxes=[[0, 0, 4, 4]] * 5 + [[4, 4, 0, 0]])}, "x0 < x1"),
+    ({"__regions__": dict(_REGIONS, boxes=[[0, 0, 4, 4]] * 5 + [[0, 0, "4", 4]])}, r"boxes\[5\]"),
+    ({"__regions__": dict(_REGIONS, boxes="all")}, "list of 1 to 7 boxes"),
+    ({"__regions__": dict(_REGIONS, prefix=2)}, "lays out 8 keys"),
+    ({"__regions__": dict(_REGIONS, prefix=1.0)}, "prefix must be an integer"),
+    ({"__regions__": dict(_REGIONS, weights=[1])}, "unknown fields"),
+    ({"__regions__": {"prefix": 1}}, "needs 'boxes'"),
+    ({"__regions__": dict(_REGIONS, rule=["x"])}, "rule must be a string"),
+    ({"__views__": dict(_VIEWS, views=[{"rows": 1, "cols": 1}] * 1025)}, "1 to 1024"),
+    ({"__views__": dict(_VIEWS, views=[])}, "1 to 1024"),
+    ({"__views__": dict(_VIEWS, views=[{"rows": 1, "cols": 3}, {"rows": 1, "cols": 3, "box": [0, 0, -1, 5]}])},
+     r"views\[1\].__grid__.box"),
+    ({"__views__": dict(_VIEWS, views=[{"rows": 1, "cols": 3}, {"rows": 9, "cols": 3}])}, "views\\[1\\]"),
+    ({"__views__": dict(_VIEWS, views=[{"rows": 1, "cols": 3}, {"rows": 1, "cols": 3, "colour": 1}])},
+     "unknown fields"),
+    ({"__views__": dict(_VIEWS, suffix=5)}, "lays out 12 keys"),
+    ({"__views__": dict(_VIEWS, order="any")}, "unknown fields"),
+    ({"__views__": [1, 2]}, "must be an object"),
+    ({"__views__": _VIEWS, "__grid__": {"rows": 2, "cols": 3}}, "stored layout"),
+])
+def test_hostile_stored_layouts_are_refused_with_the_field_named(tmp_path, layout, expected):
+    with pytest.raises(TraceFileError, match=expected) as err:
+        ah.load(_rewrite(tmp_path, edit_header=lambda h: _set(h["meta"], "grid", layout)))
+    assert "bad.safetensors" in str(err.value) and "meta['grid']" in str(err.value)
 
 
 def test_missing_and_unexpected_tensors_are_refused(tmp_path):
@@ -328,7 +395,7 @@ def _grid_of(h):
     (lambda h: _grid_of(h).update(tiles=[4, 4]), r"__grid__.tiles"),
     (lambda h: _grid_of(h).update(rule=["x"]), r"__grid__.rule must be a string"),
     (lambda h: _grid_of(h).update(extra=1), r"__grid__ has unknown fields \['extra'\]"),
-    (lambda h: _set(h["meta"], "grid", [2, 3]), r"meta\['grid'\] must be a stored Grid"),
+    (lambda h: _set(h["meta"], "grid", [2, 3]), r"meta\['grid'\] must be a stored layout"),
     (lambda h: _set(h["meta"], "image_size", [100000, 100000]), r"meta\['image_size'\] must be \[height, width\]"),
     (lambda h: _set(h["meta"], "image_size", [60000, 60000]), r"meta\['image_size'\] names 60000 x 60000 pixels"),
     (lambda h: _set(h["meta"], "image_size", [0, 5]), r"meta\['image_size'\]"),

@@ -8,6 +8,7 @@ Layout of one attention row:
     keys = prefix + rows * (cols + row_sep) + suffix                        (patches row-major, row separators)
     keys = prefix + tiles * (tile_prefix + patches of a tile + tile_suffix) + suffix    (tiled models: Mllama)
     keys = prefix + one key per box + suffix                                (`Regions`: detected boxes)
+    keys = prefix + the keys of each view (a Grid each, with its box) + suffix   (`Views`: anyres, split images)
 
 `infer_grid()` decides the layout from evidence, strongest first: an explicit `grid=` (or `boxes=`); the model
 inputs (image token positions, Qwen2-VL `image_grid_thw`, Pix2Struct patch row/col ids, Mllama tile ids); the model
@@ -18,8 +19,8 @@ when evidence supports every part. When several layouts fit it raises `Ambiguous
 picks one silently.
 
 The package, along the flow: `layout` (the types), `geometry` (preprocessing), `families` (the table),
-`_fit` (which grids fit an image), `_inputs` (evidence from the processor's output) and `evidence` (the chain),
-`explain`.
+`_fit` (which grids fit an image), `_inputs` (evidence from the processor's output), `_views` (several views of
+one image from it) and `evidence` (the chain), `explain`.
 """
 
 from ._fit import USUAL_PREFIXES

@@ -1,4 +1,5 @@
-"""Evidence from the model inputs (what the processor returned): image token runs in `input_ids`, row separators,
+"""Evidence from the model inputs (what the processor returned): image token runs in `input_ids` (several views of
+one image: `_views`), row separators,
 Qwen2-VL `image_grid_thw` (Kimi-VL `image_grid_hws`, VideoLLaMA 3 `image_merge_sizes`), Pix2Struct patch ids,
 Mllama tiles. Every tensor is checked before use."""
 
@@ -13,6 +14,7 @@ from ._args import _fmt, _short
 from ._fit import _Cand, _fits, _from_search, _pick
 from .families import _Facts
 from .geometry import _mllama_resized
+from ._views import _views_from_inputs
 from .layout import Grid
 
 
@@ -102,7 +104,7 @@ def _merges(inputs_get, f):
     return [f.merge if f is not None else 2]
 
 
-def _from_inputs(n, inputs, f: _Facts | None, prefix, size) -> _Cand | None:
+def _from_inputs(n, inputs, f: _Facts | None, prefix, size, processor=None) -> _Cand | None:
     def get(key):
         try:
             return inputs.get(key) if hasattr(inputs, "get") else getattr(inputs, key, None)
@@ -125,6 +127,14 @@ def _from_inputs(n, inputs, f: _Facts | None, prefix, size) -> _Cand | None:
         if int(ids.max()) > len(arrangements):
             raise GridError(f"inputs['aspect_ratio_ids'] holds id {int(ids.max())}, but the config lists "
                             f"{len(arrangements)} supported aspect ratios.")
+        mask = get("aspect_ratio_mask")
+        if mask is not None:  # the tiles each image fills: must agree with its arrangement
+            filled = _first_row(mask, "aspect_ratio_mask").reshape(-1, max_tiles)[:len(ids)].sum(-1).tolist() \
+                if _int_tensor(mask, "aspect_ratio_mask").numel() % max_tiles == 0 else None
+            want = [arrangements[int(a) - 1][0] * arrangements[int(a) - 1][1] for a in ids]
+            if filled is None or filled != want:
+                raise GridError(f"inputs['aspect_ratio_mask'] marks {filled} tiles per image, but aspect_ratio_ids "
+                                f"say {want}: pass the processor's output unchanged (or grid=).")
         per_image = n // len(ids)
         if prefix is None and len(ids) > 1:
             cands = [_mllama_grid(n, f, arrangements[int(a) - 1], i, len(ids), size, None, "from aspect_ratio_ids")
@@ -139,7 +149,13 @@ def _from_inputs(n, inputs, f: _Facts | None, prefix, size) -> _Cand | None:
     ids = get("input_ids")
     token = f.image_token_id if f is not None else None
     if ids is not None and token is not None:
-        return _inline(n, _first_row(ids, "input_ids"), token, thw, f, prefix, size)
+        row = _first_row(ids, "input_ids")
+        runs = _runs(row, token)
+        if f.model.views and thw is None and runs:  # several views of one image (anyres, split images)
+            found = _views_from_inputs(n, runs, f, get, processor, prefix, size)
+            if found is not None:
+                return found
+        return _inline(n, row, token, thw, f, prefix, size)
     if ids is not None and thw is None:
         raise GridError("inputs hold input_ids, but without model= the image token id is unknown: pass model= "
                         "(the model or its config, which names image_token_id).")

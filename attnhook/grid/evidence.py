@@ -13,7 +13,7 @@ from ._fit import _PREFIX_NAMES, _Cand, _from_search, _pick
 from ._inputs import _from_inputs, _mllama_grid
 from .families import _Facts
 from .geometry import Preprocess, _mllama_canvas
-from .layout import Grid, Regions
+from .layout import Grid, Regions, Views
 
 # --------------------------------------------------------------------------------------------------------------
 # infer_grid
@@ -36,7 +36,7 @@ def infer_grid(keys, image_size=None, model=None, processor=None, grid=None, pre
         model: a transformers model or config (or a dict of config fields), read by duck typing.
         processor: a transformers image processor or processor, or a `Preprocess`: places the grid on the
             original image through resize / crop / pad (`Grid.box`).
-        grid: `(rows, cols)` or a `Grid`; always wins. Keys beyond rows * cols are prefix unless `prefix=` says.
+        grid: `(rows, cols)`, a `Grid` or a `Views`; always wins. Keys beyond rows * cols are prefix unless `prefix=` says.
         prefix: number of keys before the grid (CLS, distillation, register or text tokens).
         stride: model-input pixels per grid cell, an int or `(sy, sx)`: the patch size or a conv net's stride.
         key_mask: `(keys,)` flags, True where a key holds image content (a padded batch's attention_mask; pass
@@ -48,6 +48,9 @@ def infer_grid(keys, image_size=None, model=None, processor=None, grid=None, pre
 
     Returns:
         A `Grid`; `box` places it on the original image when `image_size` is given. With `boxes=`, `Regions`.
+        For models that show several views of one image (LLaVA-NeXT / OneVision anyres from `inputs=` with
+        `input_ids` and `image_sizes`; Idefics3 / SmolVLM split images from `inputs=`, `processor=` and
+        `image_size=`), a `Views` layout, each view a `Grid` with its box on the original image.
 
     Example:
         >>> grid = infer_grid(197, image_size=(224, 224))
@@ -75,7 +78,7 @@ def infer_grid(keys, image_size=None, model=None, processor=None, grid=None, pre
     ip = getattr(processor, "image_processor", processor)
     special = processor is not None and not isinstance(ip, Preprocess) and any(
         (ip.get(k) if isinstance(ip, dict) else getattr(ip, k, None)) is not None
-        for k in ("max_image_tiles", "max_patches", "merge_size"))
+        for k in ("max_image_tiles", "max_patches", "merge_size", "do_image_splitting", "image_grid_pinpoints"))
     pre = Preprocess.from_processor(processor) if processor is not None and not special else None
     in_size = None
     if pre is not None:
@@ -85,12 +88,18 @@ def infer_grid(keys, image_size=None, model=None, processor=None, grid=None, pre
         if grid is not None:
             raise GridError("Pass grid= or boxes=, not both: keys with boxes are regions, not a grid.")
         return _regions(n, boxes, prefix)
+    if isinstance(grid, Views):  # several views laid out by hand: checked, returned as they are
+        if grid.keys != n:
+            raise GridError(f"grid= lays out {grid.keys} keys ({grid.describe()}), but there are {n}.")
+        return grid
     if grid is not None:
         found = _given(n, grid, prefix, size if pre is None else in_size, cell)
     else:
         found = None
         if inputs is not None:
-            found = _from_inputs(n, inputs, facts, prefix, size)
+            found = _from_inputs(n, inputs, facts, prefix, size, processor)
+            if found is not None and isinstance(found.grid, Views):
+                return found.grid  # each view carries its own box on the original image
         if found is None and (special or (facts is not None and facts.model.special in ("pix2struct", "mllama"))):
             found = _from_special(n, ip if special else None, facts, prefix, size)
         if found is None and facts is not None and mask is None:

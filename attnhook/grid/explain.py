@@ -11,7 +11,7 @@ from ._args import _fmt, _is_int, _num, _size_arg
 from ._fit import _fits
 from .evidence import infer_grid
 from .families import _Facts
-from .layout import Grid
+from .layout import Grid, Views
 
 # --------------------------------------------------------------------------------------------------------------
 # explain
@@ -142,6 +142,15 @@ def explain(shape_or_tensor, image_size=None, model=None, *, processor=None, gri
     out = [f"shape {shape} read as ({', '.join(names)})" + (f"; {alt}" if alt else "")]
     out += [note] if note else []
     out += [f"  axis {i}  {name:<8} {n}" for i, (name, n) in enumerate(zip(names, shape))]
+    if isinstance(g, Views):  # several views of one image: each view's grid and place, then how to compose them
+        out += [f"keys: {g.describe()}", f"  rule: {g.rule}"]
+        out += [f"  view {i} at key {at}: {v.rule}" + (f"; box {tuple(round(x, 2) for x in v.box)}" if v.box else "")
+                for i, (v, at) in enumerate(zip(g.views, g.offsets()))]
+        out.append("map: attnhook.attention_maps(trace, views, image_size=(H, W)) composes the views on the original "
+                   "pixels (they add up where they overlap); per_view=True gives one (rows, cols) map per view")
+        out.append("check:" if mistakes else "check: nothing unusual.")
+        out.extend(f"  - {m}" for m in mistakes)
+        return "\n".join(out)
     if g is not None:
         out.append(f"keys: {_decompose(g, size, processor)}")
         out.append(f"  rule: {g.rule}")
@@ -228,7 +237,7 @@ def _recipe(shape, names, axis, g: Grid) -> str:
         keep.remove(h)
     lead = [shape[d] for d in keep]
     lead_names = [names[d] for d in keep]
-    if g.tiles == (1, 1):
+    if g.tiles == (1, 1) and not g.row_sep:
         sizes = ", ".join(map(str, lead + [g.rows, g.cols]))
         expr += f"[..., {g.prefix}:{g.prefix + g.rows * g.cols}].reshape({sizes})"
     else:

@@ -50,6 +50,13 @@ class Model:
         "pix2struct", "mllama".
     refuse: why the decoder's image tokens cannot be placed from the config: learned queries, views, VQ codes,
         per-image patch grids. The vision tower's own keys are still placed.
+    views: how several views of one image are laid out when the processor's output says where each lies
+        (`attnhook.grid._views`): "anyres" (LLaVA-NeXT / OneVision: a base view plus tiles of
+        `image_grid_pinpoints`, a newline after each row, from `inputs['image_sizes']`), "split" (Idefics3 /
+        SmolVLM: rows x cols tiles plus a global view, from the image size and the processor's
+        `size` / `max_image_size`), "hd" (Phi-4: HD crops cut by `inputs['image_attention_mask']` plus a global
+        view, from `inputs['image_sizes']` and the image size). `refuse` then says why the config alone does not
+        tell.
     """
 
     name: str
@@ -68,6 +75,7 @@ class Model:
     variable: bool = False  # vision_config.image_size is a maximum, not the input size: each image has its own grid
     image_size_field: str = ""  # where the input size is, when not vision_config.image_size
     patch_field: str = ""
+    views: str = ""
 
 
 _NO_CLS = dict(prefix=0, prefix_kind="")
@@ -97,14 +105,16 @@ _VIEWS = "several views of one image in the decoder's sequence"
 MODELS: tuple[Model, ...] = (
     Model("Llava", ("llava",), "Llava-1.5", drop="select"),
     Model("VipLlava", ("vipllava",), "VipLlava: CLIP features always without the CLS", drop="always"),
-    Model("LLaVA-NeXT", ("llava_next", "llava_next_video"), "LLaVA-NeXT anyres", drop="select",
-          refuse=f"{_VIEWS} (anyres: a base view plus tiles of image_grid_pinpoints, with newline tokens)"),
-    Model("LLaVA-OneVision", ("llava_onevision",), "LLaVA-OneVision anyres", drop="select",
-          refuse=f"{_VIEWS} (anyres: a base view plus tiles, with newline tokens)"),
+    Model("LLaVA-NeXT", ("llava_next", "llava_next_video"), "LLaVA-NeXT anyres", drop="select", views="anyres",
+          refuse=f"{_VIEWS} (anyres: a base view plus tiles of image_grid_pinpoints, with newline tokens), laid out "
+                 "by each image's size: pass inputs= with input_ids and image_sizes"),
+    Model("LLaVA-OneVision", ("llava_onevision",), "LLaVA-OneVision anyres", drop="select", views="anyres",
+          refuse=f"{_VIEWS} (anyres: a base view plus tiles, with newline tokens), laid out by each image's size: "
+                 "pass inputs= with input_ids and image_sizes"),
     Model("PaliGemma", ("paligemma",), "PaliGemma"),
     Model("GIT", ("git",), "GIT", placement="first"),
     Model("Idefics3 / SmolVLM", ("idefics3", "smolvlm"), "Idefics3, SmolVLM, Granite-Docling: one block per view",
-          merge=("scale_factor", "factor"), merge_name="pixel shuffle"),
+          merge=("scale_factor", "factor"), merge_name="pixel shuffle", views="split"),
     Model("Aya Vision / Cohere2-Vision", ("aya_vision", "cohere2_vision"), "Aya Vision, Cohere2-Vision",
           merge=("downsample_factor", "factor"), merge_name="pixel shuffle", drop="select"),
     Model("LFM2-VL", ("lfm2_vl",), "LFM2-VL", merge=("downsample_factor", "factor"), merge_name="pixel shuffle",
@@ -136,7 +146,10 @@ MODELS: tuple[Model, ...] = (
           variable=True, refuse="the processor pads each image to its own patch grid (rows and cols come from inputs['input_ids'])"),
     Model("Emu3", ("emu3",), "Emu3", refuse="the image is written as VQ code tokens with an end-of-line token after "
                                             "each row, and the config names no image token id"),
-    Model("Phi-4 multimodal", ("phi4_multimodal",), "Phi-4", refuse=f"{_VIEWS} (HD crops plus a global view)"),
+    Model("Phi-4 multimodal", ("phi4_multimodal",), "Phi-4", views="hd",
+          refuse=f"{_VIEWS} (HD crops, each row ended by a separator, a separator, then a global view with row "
+                 "separators), laid out by each image's size: pass inputs= with input_ids, image_sizes and "
+                 "image_attention_mask, and image_size="),
     Model("BLIP-2 / InstructBLIP", ("blip-2", "instructblip", "instructblipvideo"),
           "BLIP-2, InstructBLIP, InstructBLIP-Video", learned_queries="num_query_tokens",
           refuse="the decoder attends to the Q-Former's learned queries, not to patches"),
@@ -190,6 +203,7 @@ class _Facts:
     merge: int = 1
     tiles: tuple | None = None  # Mllama: (tile size, patch, max tiles, supported arrangements)
     heads: int | None = None  # decoder attention heads (for explain)
+    config: object = None  # the config read (for the view rules of `_views`)
 
     @property
     def prefix(self) -> int:  # the tower's prefix (kept for the search prior)
@@ -210,7 +224,7 @@ class _Facts:
                 f"model= takes a model, its config, or a dict of config fields; got {type(model).__name__}. "
                 "For a name or a path, load it first: transformers.AutoConfig.from_pretrained(name)."
             )
-        f = cls(name=type(cfg).__name__, model_type=_text(cfg, "model_type"))
+        f = cls(name=type(cfg).__name__, model_type=_text(cfg, "model_type"), config=cfg)
         f.model = _lookup(MODELS, f.model_type) or _DEFAULT_MODEL
         vis = _get(cfg, "vision_config") or _get(cfg, "encoder") or cfg
         vtype = _text(vis, "model_type")
@@ -358,7 +372,7 @@ def image_token_id(config) -> int | None:
 
 def family_table() -> str:
     """The family table of docs/shapes.md, generated from `MODELS` (a test checks the page holds it)."""
-    lines = ["| family | models | decoder sees | refuses because |", "|---|---|---|---|"]
+    lines = ["| family | models | decoder sees | the config alone refuses because |", "|---|---|---|---|"]
     for m in MODELS:
         if m.special:
             sees = {"qwen2-vl": "per-image grids from `image_grid_thw` / `image_grid_hws`" + (
@@ -378,6 +392,13 @@ def family_table() -> str:
                 parts.append(f"{m.row_sep} separator after each row")
             if m.learned_queries:
                 parts.append(f"learned queries (`{m.learned_queries}`)")
+            if m.views:
+                parts.append({"anyres": "views: a base view + tiles from `image_grid_pinpoints` and "
+                                        "`inputs['image_sizes']`, a newline after each tile row",
+                              "split": "views: rows x cols tiles + a global view when the processor splits the "
+                                       "image (`processor=`, `image_size=`)",
+                              "hd": "views: HD crops cut by `inputs['image_attention_mask']` + a global view, "
+                                    "separators after rows (`inputs['image_sizes']`, `image_size=`)"}[m.views])
             sees = "; ".join(parts)
         lines.append(f"| {m.name} | {m.examples} | {sees} | {m.refuse or '-'} |")
     return "\n".join(lines)

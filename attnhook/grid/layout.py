@@ -1,5 +1,6 @@
 """Layout types: how a run of attention keys lies on the image. `Grid` (patch cells, row-major, with prefix,
-suffix, row separators and tiles) and `Regions` (detected boxes, one key per box)."""
+suffix, row separators and tiles), `Regions` (detected boxes, one key per box) and `Views` (several grids, each
+placed on the image: a base view and tiles, split images). Each has `to_json()` / `from_json()` for trace files."""
 
 from __future__ import annotations
 
@@ -327,23 +328,37 @@ class Regions:
         return f"{self.keys} = " + " + ".join(parts)
 
     def to_json(self) -> dict:
-        """Plain JSON values; `Regions.from_json` reads them back."""
+        """Plain JSON values (what a trace file stores); `Regions.from_json` reads them back.
+
+        Example:
+            >>> r = Regions([(0, 0, 50, 40), (30, 20, 100, 80)], prefix=1, prefix_kind="global feature")
+            >>> r.to_json()["boxes"]
+            [[0.0, 0.0, 50.0, 40.0], [30.0, 20.0, 100.0, 80.0]]
+            >>> Regions.from_json(r.to_json()) == r
+            True
+        """
         return {"boxes": [list(b) for b in self.boxes], "prefix": self.prefix, "suffix": self.suffix,
                 "rule": self.rule, "prefix_kind": self.prefix_kind, "suffix_kind": self.suffix_kind}
 
     @classmethod
     def from_json(cls, data) -> Regions:
-        """`Regions` from `to_json()` output, every field checked."""
+        """`Regions` from `to_json()` output (untrusted JSON): a list of at most 65536 boxes of four finite numbers,
+        counts from 0 to 2**40, strings of at most 4096 characters; unknown or missing fields refused with a
+        `GridError`."""
         if not isinstance(data, dict) or "boxes" not in data:
-            raise GridError("Saved regions must be a JSON object with 'boxes'.")
+            raise GridError(f"Saved regions must be a JSON object with 'boxes', got {type(data).__name__}.")
         names = {f.name for f in fields(cls)}
         unknown = sorted(str(k) for k in data if k not in names)
         if unknown:
-            raise GridError(f"Saved regions have unknown fields {_short(unknown)}.")
-        for name in ("rule", "prefix_kind", "suffix_kind"):
-            if name in data and (not isinstance(data[name], str) or len(data[name]) > _TEXT_LIMIT):
-                raise GridError(f"Saved regions' {name} must be a string of at most {_TEXT_LIMIT} characters.")
-        return cls(**data)
+            raise GridError(f"Saved regions have unknown fields {_short(unknown)}; expected some of {sorted(names)}.")
+        _check_texts(data, "Saved regions'")
+        _check_counts(data, ("prefix", "suffix"), "Saved regions'")
+        boxes = data["boxes"]
+        if not isinstance(boxes, list) or len(boxes) > 1 << 16 or not all(
+                isinstance(b, list) and len(b) == 4 and all(_is_real(v) for v in b) for b in boxes):
+            raise GridError(f"Saved regions' boxes must be a list of at most {1 << 16} [x0, y0, x1, y1] lists of "
+                            f"numbers, got {_short(boxes)}.")
+        return cls(**dict(data, boxes=[tuple(b) for b in boxes]))
 
 
 @dataclass(frozen=True)
@@ -376,6 +391,9 @@ class Views:
         if not isinstance(self.rule, str):
             raise GridError(f"Views.rule must be a str, got {_short(self.rule)}.")
 
+    def __repr__(self) -> str:  # the views in words; each Grid in full is in `views`
+        return f"Views({len(self.views)} views, prefix={self.prefix}, suffix={self.suffix}, rule={self.rule!r})"
+
     @property
     def keys(self) -> int:
         """Number of keys this layout accounts for."""
@@ -395,3 +413,46 @@ class Views:
         parts += [f"view {i} ({v.describe()})" for i, v in enumerate(self.views)]
         parts += [f"{self.suffix} suffix"] if self.suffix else []
         return f"{self.keys} = " + " + ".join(parts)
+
+    def to_json(self) -> dict:
+        """Plain JSON values (what a trace file stores): each view as `Grid.to_json()`; `Views.from_json` reads
+        them back.
+
+        Example:
+            >>> views = Views([Grid(2, 2), Grid(2, 4, box=(0, -7, 128, 57), row_sep=1)], prefix=2, suffix=1)
+            >>> sorted(views.to_json())
+            ['prefix', 'rule', 'suffix', 'views']
+            >>> Views.from_json(views.to_json()) == views
+            True
+        """
+        return {"views": [v.to_json() for v in self.views], "prefix": self.prefix, "suffix": self.suffix,
+                "rule": self.rule}
+
+    @classmethod
+    def from_json(cls, data) -> Views:
+        """`Views` from `to_json()` output (untrusted JSON): at most 1024 views, each checked by `Grid.from_json`;
+        counts from 0 to 2**40; unknown or missing fields refused with a `GridError`."""
+        if not isinstance(data, dict) or "views" not in data:
+            raise GridError(f"Saved views must be a JSON object with 'views', got {type(data).__name__}.")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in names)
+        if unknown:
+            raise GridError(f"Saved views have unknown fields {_short(unknown)}; expected some of {sorted(names)}.")
+        _check_texts(data, "Saved views'")
+        _check_counts(data, ("prefix", "suffix"), "Saved views'")
+        views = data["views"]
+        if not isinstance(views, list) or not 1 <= len(views) <= 1024:
+            raise GridError(f"Saved views' views must be a list of 1 to 1024 saved grids, got {_short(views)}.")
+        return cls(**dict(data, views=[Grid.from_json(v) for v in views]))
+
+
+def _check_texts(data: dict, what: str) -> None:
+    for name in ("rule", "prefix_kind", "suffix_kind"):
+        if name in data and (not isinstance(data[name], str) or len(data[name]) > _TEXT_LIMIT):
+            raise GridError(f"{what} {name} must be a string of at most {_TEXT_LIMIT} characters.")
+
+
+def _check_counts(data: dict, names, what: str) -> None:
+    for name in names:
+        if name in data and (not _is_int(data[name]) or not 0 <= data[name] <= 1 << 40):
+            raise GridError(f"{what} {name} must be an int from 0 to 2**40, got {_short(data[name])}.")
