@@ -3,6 +3,7 @@ queries through their own maps over the patches. Pure torch; see `attnhook.maps.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import GridError, SelectionError
@@ -21,7 +22,7 @@ def _views_maps(trace, views: Views, site, sequence, heads, layers, image_size, 
         if height * width > 1 << 26:
             raise GridError(f"image_size {height} x {width} is too large to compose maps on (at most 2**26 pixels).")
     sites = _pick_sites(trace, site, layers)
-    per_site = []
+    per_site: list = []  # per site: a tensor, or one per view
     for s in sites:
         w = _one_call(trace, s, sequence, "mean")
         if s.kind == "self":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 #: Largest image side and pixel count a trace may name (Pillow's decompression-bomb error threshold).
 MAX_SIDE = 1 << 16
@@ -137,7 +138,9 @@ def grid(v, field, limits: Limits, image_size):
               f"must be null or [x0, y0, x1, y1], finite numbers within {reach:g} px, got {_show(box)}")
         _need(box[0] < box[2] and box[1] < box[3], f"{field}.box", f"needs x0 < x1 and y0 < y1, got {box}")
     try:
-        built = Grid(**{k: tuple(x) if k in ("box", "tiles") and isinstance(x, list) else x for k, x in g.items()})
+        values: dict[str, Any] = {k: tuple(x) if k in ("box", "tiles") and isinstance(x, list) else x
+                                  for k, x in g.items()}
+        built = Grid(**values)
     except AttnHookError as e:
         raise Bad(field, f"is not a valid Grid ({e})") from None
     _need(built.keys <= limits.max_keys, field,

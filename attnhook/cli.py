@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from typing import Any
 
 from .errors import AttnHookError, GridError
 
@@ -107,7 +108,7 @@ def _image_header(path: str, decode: bool = True) -> tuple[int, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("error" if decode else "ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                size = (im.height, im.width)
+                size: tuple = (im.height, im.width)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         size = tuple(int(x) for x in re.findall(r"\d+", str(e))[:1]) or ("?",)
         if decode:
@@ -168,7 +169,7 @@ def _drawable(image):
         return image
     scale = _MAX_DRAW / max(h, w)
     return np.array(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                  Image.BILINEAR))
+                                                  Image.Resampling.BILINEAR))
 
 
 def _scaled_grid(grid, sy: float, sx: float):
@@ -244,7 +245,7 @@ def _demo_fit(image):
     h, w = image.shape[:2]
     scale = 96 / max(h, w)
     size = (max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8))
-    return np.array(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
 class _Model:
@@ -255,6 +256,7 @@ class _Model:
 
         from . import demo
 
+        self.model: Any  # a bundled demo model or a transformers model
         self.name, self.layers = name, layers
         if name in demo.NAMES:
             self.kind, self.model = "demo", demo.load(name)
@@ -300,8 +302,9 @@ def _load_hf(path: str):
         raise _Failure(f"{path!r} is not a transformers model directory (no readable config.json: "
                        f"{first(e)}).") from None
     try:
-        model, info = transformers.AutoModelForImageTextToText.from_pretrained(
+        loaded: Any = transformers.AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, use_safetensors=True, output_loading_info=True)
+        model, info = loaded
     except Exception as e:  # noqa: BLE001 -- a corrupt or truncated model.safetensors raises many kinds
         raise _Failure(f"{path!r} holds a {type(config).__name__}, but no image-to-text model transformers can "
                        f"load from its model.safetensors ({first(e)}).") from None
@@ -553,7 +556,7 @@ def _render(args) -> int:
             h, w = size
             scale = min(1.0, _MAX_DRAW / max(h, w))  # drawn at most _MAX_DRAW a side: never a huge resize
             shown = np.array(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                           Image.BILINEAR))
+                                                           Image.Resampling.BILINEAR))
         if args.grid:
             rows, cols = _pair(args.grid, "--grid")
             grid = Grid(rows, cols, prefix=args.prefix or 0, rule="given: --grid")
