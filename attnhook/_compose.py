@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from .errors import GridError, SelectionError
@@ -23,7 +24,7 @@ def _views_maps(trace, views: Views, site, sequence, heads, layers, image_size, 
         if height * width > 1 << 26:
             raise GridError(f"image_size {height} x {width} is too large to compose maps on (at most 2**26 pixels).")
     sites = _pick_sites(trace, site, layers)
-    per_site = []
+    per_site: list = []  # per site: a tensor, or one per view
     for s in sites:
         w = _one_call(trace, s, sequence, "mean")
         laid = views

@@ -35,12 +35,12 @@ class Undo:
         if not errors:
             return
         if pending is not None:
-            for e in errors:
-                _add_note(pending, f"attnhook: while restoring after this error, {type(e).__name__}: {e}")
+            for err in errors:
+                _add_note(pending, f"attnhook: while restoring after this error, {type(err).__name__}: {err}")
             return
         first = errors[0]
-        for e in errors[1:]:
-            _add_note(first, f"attnhook: also while restoring, {type(e).__name__}: {e}")
+        for err in errors[1:]:
+            _add_note(first, f"attnhook: also while restoring, {type(err).__name__}: {err}")
         raise first
 
 
@@ -48,7 +48,7 @@ def _add_note(error: BaseException, note: str) -> None:
     if hasattr(error, "add_note"):  # Python 3.11+
         error.add_note(note)
     else:
-        error.__notes__ = [*getattr(error, "__notes__", []), note]
+        setattr(error, "__notes__", [*getattr(error, "__notes__", []), note])  # what 3.11's add_note does
 
 
 _ACTIVE_LOCK = threading.Lock()

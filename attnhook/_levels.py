@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 from dataclasses import replace
 
 import numpy as np
@@ -82,7 +83,7 @@ def _levels(maps: np.ndarray, grid, image_hw, out_hw, sigma: float, normalize, n
                  for k in range(0, int(math.log2(base)) + 1, step)]
         if ticks[-1][0] < 0.97:
             ticks.append((1.0, f"{cells}x"))
-        scale = dict(rule="mass", label=f"attention per cell (x uniform 1/{cells})", ticks=ticks)
+        scale: dict[str, Any] = dict(rule="mass", label=f"attention per cell (x uniform 1/{cells})", ticks=ticks)
     elif normalize in ("max", "global"):
         top = np.full_like(high, high.max()) if normalize == "global" else high
         blank = top <= 0

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import AttnHookError
@@ -57,8 +58,9 @@ class Output:
         force: replace files of those names.
     """
 
-    def __init__(self, out, planned: list[str] = (), force: bool = False):
-        self.out, self.force, self.names, self.committed = Path(out), force, [], False
+    def __init__(self, out, planned: Sequence[str] = (), force: bool = False):
+        self.out, self.force, self.committed = Path(out), force, False
+        self.names: list[str] = []
         where = f"the output folder {str(self.out)!r}"
         if os.path.lexists(self.out) and not self.out.is_dir():
             what = ("a symbolic link that leads nowhere (dangling or looping)" if self.out.is_symlink()

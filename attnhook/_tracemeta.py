@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 #: Largest image side and pixel count a trace may name (Pillow's decompression-bomb error threshold).
 MAX_SIDE = 1 << 16
@@ -133,7 +134,9 @@ def grid(v, field, limits: Limits, image_size):
     if box is not None:
         _box(box, f"{field}.box", BOX_REACH * (max(image_size) if image_size else MAX_SIDE))
     try:
-        built = Grid(**{k: tuple(x) if k in ("box", "tiles") and isinstance(x, list) else x for k, x in g.items()})
+        values: dict[str, Any] = {k: tuple(x) if k in ("box", "tiles") and isinstance(x, list) else x
+                                  for k, x in g.items()}
+        built = Grid(**values)
     except AttnHookError as e:
         raise Bad(field, f"is not a valid Grid ({e})") from None
     _need(built.keys <= limits.max_keys, field,

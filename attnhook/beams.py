@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ._types import ArrayLike
 from .errors import RecordingError
 from .trace import Trace
 
@@ -54,7 +55,7 @@ def from_parents(parents: Sequence[torch.Tensor], ends: Sequence[tuple[int, int]
     if ends is None:
         last = parents[-1].numel() if parents else 1
         ends = [(steps - 1, r) for r in range(last)]
-    sizes = [None] + [p.numel() for p in parents]  # rows alive at each step after the first
+    sizes: list[int | None] = [None] + [p.numel() for p in parents]  # rows alive at each step after the first
     table = torch.full((len(ends), steps), -1, dtype=torch.long)
     for i, end in enumerate(ends):
         if not (isinstance(end, (tuple, list)) and len(end) == 2 and all(type(v) is int for v in end)):
@@ -63,7 +64,7 @@ def from_parents(parents: Sequence[torch.Tensor], ends: Sequence[tuple[int, int]
         if not 0 <= step < steps:
             raise RecordingError(f"ends[{i}] = {end}: step {step} is outside the {steps} steps the parents cover.")
         for t in range(step, -1, -1):
-            if sizes[t] is not None and not 0 <= row < sizes[t]:
+            if (alive := sizes[t]) is not None and not 0 <= row < alive:
                 raise RecordingError(f"ends[{i}] = {end}: row {row} does not exist at step {t} ({sizes[t]} rows).")
             table[i, t] = row
             if t:
@@ -71,7 +72,8 @@ def from_parents(parents: Sequence[torch.Tensor], ends: Sequence[tuple[int, int]
     return table
 
 
-def follow(trace: Trace, beam_indices, sequence: int = 0, ends: Sequence[tuple[int, int]] | None = None) -> Trace:
+def follow(trace: Trace, beam_indices: ArrayLike, sequence: int = 0,
+           ends: Sequence[tuple[int, int]] | None = None) -> Trace:
     """The rows of each returned sequence, picked step by step from the row that produced its token.
 
     Args:

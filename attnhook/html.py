@@ -26,16 +26,22 @@ import io
 import json
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from ._types import ArrayLike, Cmap, ImageLike, PathLike
 from .errors import AttnHookError, AttnHookWarning, RenderError
 from .grid import Grid, Regions
 from ._viewer_page import _FRAGMENT, _PAGE, _SCRIPT, _STYLE
 from .maps import SIGMA, _as_maps, _axis, _pixel_spans
 from .render import ALPHA, CMAP, _check_words, _labels, _lut, _rgb
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 THUMB = 96  # longer side, in pixels, of the small maps in the overview strip and the heads x layers grid
 MAX_DISPLAY = 1024  # the largest display_size accepted
@@ -59,7 +65,7 @@ class Viewer:
         """The viewer as a whole HTML page."""
         return _PAGE.format(title=_text(self.title), body=self.html)
 
-    def save(self, path) -> Path:
+    def save(self, path: PathLike) -> Path:
         """Write the viewer as one standalone `.html` file; returns the path."""
         path = Path(path)
         path.write_text(self.page(), encoding="utf-8")
@@ -69,8 +75,9 @@ class Viewer:
         return f"Viewer({self.title!r})"
 
 
-def viewer(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP,
-           alpha: float = ALPHA, normalize: str = "mass", head_labels=None, layer_labels=None,
+def viewer(image: ImageLike, words: Sequence[str], maps: ArrayLike, *, grid: Grid | None = None, sigma: float = SIGMA,
+           cmap: Cmap = CMAP, alpha: float = ALPHA, normalize: str = "mass",
+           head_labels: Sequence[object] | None = None, layer_labels: Sequence[object] | None = None,
            title: str | None = None, display_size: int | None = None, image_format: str = "png") -> Viewer:
     """An interactive viewer of one caption's maps; a notebook displays it inline.
 
@@ -189,7 +196,8 @@ def viewer(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA
 
     picture = Image.fromarray(rgb)
     if picture.size != (shown[1], shown[0]):
-        picture = picture.resize((shown[1], shown[0]), Image.LANCZOS if shown[0] < height else Image.BICUBIC)
+        resample = Image.Resampling.LANCZOS if shown[0] < height else Image.Resampling.BICUBIC
+        picture = picture.resize((shown[1], shown[0]), resample)
     buffer = io.BytesIO()
     picture.save(buffer, format=image_format.upper(), **({"quality": 90} if image_format == "jpeg" else {}))
     cells = int(rows * cols)
@@ -214,7 +222,7 @@ def viewer(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA
     return Viewer(fragment, title)
 
 
-def save_html(path, image, words, maps, **options) -> Path:
+def save_html(path: PathLike, image: ImageLike, words: Sequence[str], maps: ArrayLike, **options: Any) -> Path:
     """Write a standalone HTML viewer (`viewer(image, words, maps, **options).save(path)`).
 
     Args:
@@ -237,7 +245,7 @@ def save_html(path, image, words, maps, **options) -> Path:
     return viewer(image, words, maps, **options).save(path)
 
 
-def trace_html(trace) -> str:
+def trace_html(trace: Trace) -> str:
     """HTML for a `Trace` in a notebook: its sites, and the viewer when `trace.meta` holds the words, the grid and
     the image size (the maps are then shown over a plain gray picture: a trace does not keep the image).
 
@@ -313,12 +321,13 @@ def _layer_labels(labels, n: int) -> tuple[list[str], list[str]]:
     return short, hover
 
 
-def _ticks(normalize: str, cells: int, unit: str = "cell") -> list:
+def _ticks(normalize: str, cells: int, unit: str = "cell") -> dict[str, Any]:
     if normalize == "max":
         return {"label": "share of each map's maximum", "ticks": [[0, "0"], [0.5, "0.5"], [1, "1"]]}
     base = max(cells, 2)
     step = max(1, int(np.ceil(np.log2(base) / 5)))
-    ticks = [[float(np.log(2.0 ** k) / np.log(base)), f"{2 ** k}x"] for k in range(0, int(np.log2(base)) + 1, step)]
+    ticks: list[list[Any]] = [[float(np.log(2.0 ** k) / np.log(base)), f"{2 ** k}x"]
+                              for k in range(0, int(np.log2(base)) + 1, step)]
     if ticks[-1][0] < 0.97:
         ticks.append([1.0, f"{cells}x"])
     return {"label": f"attention per {unit} (x uniform 1/{cells})", "ticks": ticks}

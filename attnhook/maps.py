@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import GridError, RenderError, SelectionError
+from ._types import ArrayLike, LayerSelector, Reduction, SiteSelector, SizeLike
 from .grid import Grid, Regions, Views
 from .trace import Site, Trace, select
 
@@ -23,8 +24,9 @@ from .trace import Site, Trace, select
 SIGMA = 0.5
 
 
-def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, heads="mean",
-                   layers="mean", calls="mean", queries=None, query_sequence: int = 0, image_size=None,
+def attention_maps(trace: Trace, grid: Grid, *, site: SiteSelector | None = None, sequence: int = 0,
+                   heads: Reduction = "mean", layers: LayerSelector = "mean", calls: Reduction = "mean",
+                   queries: SiteSelector | None = None, query_sequence: int = 0, image_size: SizeLike | None = None,
                    per_view: bool = False) -> np.ndarray:
     """Maps on the image grid for every step of one sequence, `(batch, steps, rows, cols)`.
 
@@ -113,7 +115,7 @@ def attention_maps(trace: Trace, grid: Grid, *, site=None, sequence: int = 0, he
     return out.numpy()
 
 
-def rollout(trace: Trace, grid: Grid, *, site="self", sequence: int = 0, heads="mean",
+def rollout(trace: Trace, grid: Grid, *, site: SiteSelector = "self", sequence: int = 0, heads: Reduction = "mean",
             residual: float = 0.5) -> np.ndarray:
     """Attention rollout (Abnar & Zuidema, 2020) through a stack of self-attention layers,
     `(batch, queries, rows, cols)`.
@@ -153,7 +155,7 @@ def rollout(trace: Trace, grid: Grid, *, site="self", sequence: int = 0, heads="
     if not (isinstance(residual, (int, float)) and 0 <= residual <= 1):
         raise SelectionError(f"residual must be a number in [0, 1] (0.5 in the paper), got {residual!r}.")
     sites = _pick_sites(trace, site, "mean")
-    result = None
+    result: torch.Tensor | None = None
     for s in sites:
         w = trace.weights(s, sequence).float()                     # (batch, steps, heads, keys)
         steps, keys = w.shape[1], w.shape[3]
@@ -171,11 +173,12 @@ def rollout(trace: Trace, grid: Grid, *, site="self", sequence: int = 0, heads="
             raise SelectionError(f"Site {s.name!r} has {keys} tokens, the sites before it "
                                  f"{result.shape[-1]}: roll out one stack at a time (site='encoder.*').")
         result = a if result is None else a @ result
+    assert result is not None  # _pick_sites refuses an empty selection
     cols = _image_columns(result.unsqueeze(2), trace.meta, "rollout")  # (batch, queries, 1, image keys)
     return _on_grid(cols, grid, "rollout")[:, :, 0].numpy()
 
 
-def upsample(maps, grid: Grid | None, image_size, *, sigma: float = SIGMA) -> np.ndarray:
+def upsample(maps: ArrayLike, grid: Grid | None, image_size: SizeLike, *, sigma: float = SIGMA) -> np.ndarray:
     """Gaussian-smoothed upsampling of grid maps to image pixels, `(..., rows, cols)` -> `(..., height, width)`.
 
     Equal to bilinear upsampling onto the grid's box (cell centres at the centres of their pixel rectangles,
@@ -224,7 +227,8 @@ def upsample(maps, grid: Grid | None, image_size, *, sigma: float = SIGMA) -> np
     return out.numpy().reshape(*lead, height, width)
 
 
-def paint_regions(weights, regions: Regions, image_size, *, overlap: str = "max", source_size=None) -> np.ndarray:
+def paint_regions(weights: ArrayLike, regions: Regions, image_size: SizeLike, *, overlap: str = "max",
+                  source_size: SizeLike | None = None) -> np.ndarray:
     """Per-region weights painted onto image pixels, `(..., regions)` -> `(..., height, width)`.
 
     A pixel belongs to a region when its centre lies inside the box (`x0 <= x + 0.5 < x1`, the same for y);
@@ -266,7 +270,7 @@ def paint_regions(weights, regions: Regions, image_size, *, overlap: str = "max"
     if overlap not in ("max", "sum"):
         raise RenderError(f"overlap must be 'max' or 'sum', got {overlap!r}.")
     height, width = _size_of(image_size)
-    boxes = regions.boxes
+    boxes: list | tuple = regions.boxes
     if source_size is not None:
         sh, sw = _size_of(source_size)
         boxes = [(x0 * width / sw, y0 * height / sh, x1 * width / sw, y1 * height / sh) for x0, y0, x1, y1 in boxes]
@@ -280,7 +284,7 @@ def paint_regions(weights, regions: Regions, image_size, *, overlap: str = "max"
     return out
 
 
-def region_outlines(regions: Regions, image_size, *, width: int = 1) -> np.ndarray:
+def region_outlines(regions: Regions, image_size: SizeLike, *, width: int = 1) -> np.ndarray:
     """The boxes' outlines as a `(height, width)` bool mask (True on the outline pixels), for renderers to draw over
     the painted weights; the same pixel rule and clipping as `paint_regions()`.
 

@@ -241,7 +241,7 @@ def _demo_fit(image: np.ndarray) -> np.ndarray:
     size = (max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8))
     if size == (w, h):
         return image
-    return np.array(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
 # --- Hugging Face ----------------------------------------------------------------------------------------------

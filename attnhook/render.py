@@ -33,16 +33,23 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ._types import ArrayLike, Cmap, ImageLike, PathLike
 from .errors import RenderError
 from .grid import Grid, Regions
 from ._levels import NORMALIZERS, _compose, _levels, _lut, _tiles  # noqa: F401 (NORMALIZERS: public)
 from .maps import SIGMA, _as_maps
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 CMAP = "inferno"
 ALPHA = 0.8
@@ -51,8 +58,8 @@ NORMALIZE = "mass"
 MAX_SIZE = 512  # longer side, in pixels, of the pictures in figures and GIF frames
 
 
-def overlay(image, map, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP, alpha: float = ALPHA,
-            normalize: str | None = NORMALIZE, blend: str = BLEND) -> Image.Image:
+def overlay(image: ImageLike, map: ArrayLike, *, grid: Grid | None = None, sigma: float = SIGMA, cmap: Cmap = CMAP,
+            alpha: float = ALPHA, normalize: str | None = NORMALIZE, blend: str = BLEND) -> Image.Image:
     """One map over the image, as a PIL image of the image's size.
 
     Args:
@@ -90,9 +97,10 @@ def overlay(image, map, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=
     return Image.fromarray(tiles[0])
 
 
-def plot_words(image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP,
-               alpha: float = ALPHA, normalize: str | None = NORMALIZE, blend: str = BLEND, ncols: int = 5,
-               title: str | bool = True, colorbar: bool = True, panel_size: float = 2.4, fig=None, ax=None):
+def plot_words(image: ImageLike, words: Sequence[str], maps: ArrayLike, *, grid: Grid | None = None,
+               sigma: float = SIGMA, cmap: Cmap = CMAP, alpha: float = ALPHA, normalize: str | None = NORMALIZE,
+               blend: str = BLEND, ncols: int = 5, title: str | bool = True, colorbar: bool = True,
+               panel_size: float = 2.4, fig: Figure | None = None, ax: Axes | None = None) -> Figure:
     """One panel per word: the image with that word's map; the caption as the figure's title; a colorbar.
 
     Args:
@@ -140,10 +148,11 @@ def plot_words(image, words, maps, *, grid: Grid | None = None, sigma: float = S
                    scale if colorbar else None, cmap)
 
 
-def plot_heads(image, maps, *, word: str | None = None, labels=None, layer_labels=None,
-               grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP, alpha: float = ALPHA,
-               normalize: str | None = NORMALIZE, blend: str = BLEND, colorbar: bool = True,
-               panel_size: float = 2.0, fig=None, ax=None):
+def plot_heads(image: ImageLike, maps: ArrayLike, *, word: str | None = None, labels: Sequence[object] | None = None,
+               layer_labels: Sequence[object] | None = None, grid: Grid | None = None, sigma: float = SIGMA,
+               cmap: Cmap = CMAP, alpha: float = ALPHA, normalize: str | None = NORMALIZE, blend: str = BLEND,
+               colorbar: bool = True, panel_size: float = 2.0, fig: Figure | None = None,
+               ax: Axes | None = None) -> Figure:
     """Every head's map for one word: one row of panels for `(heads, rows, cols)`, a layers x heads grid
     for `(layers, heads, rows, cols)`.
 
@@ -176,16 +185,17 @@ def plot_heads(image, maps, *, word: str | None = None, labels=None, layer_label
     layers, heads = arr.shape[:2]
     labels = _labels(labels, heads, "head")
     rows = _labels(layer_labels, layers, "layer") if layers > 1 or layer_labels is not None else None
-    names = [f"{r or ''} {h}".strip() for r in (rows or [None]) for h in labels]
+    names = [f"{r or ''} {h}".strip() for r in (rows or [""]) for h in labels]
     tiles, blank, scale = _tiles(rgb, arr.reshape(-1, *arr.shape[2:]), grid, full.shape[:2], sigma, normalize,
                                  names, cmap, alpha, blend)
     return _panels(tiles, labels * layers, rows, layers, heads, word, panel_size, fig, ax,
                    scale if colorbar else None, cmap)
 
 
-def plot_layers(image, maps, *, word: str | None = None, labels=None, grid: Grid | None = None,
-                sigma: float = SIGMA, cmap=CMAP, alpha: float = ALPHA, normalize: str | None = NORMALIZE,
-                blend: str = BLEND, colorbar: bool = True, panel_size: float = 2.0, fig=None, ax=None):
+def plot_layers(image: ImageLike, maps: ArrayLike, *, word: str | None = None, labels: Sequence[object] | None = None,
+                grid: Grid | None = None, sigma: float = SIGMA, cmap: Cmap = CMAP, alpha: float = ALPHA,
+                normalize: str | None = NORMALIZE, blend: str = BLEND, colorbar: bool = True, panel_size: float = 2.0,
+                fig: Figure | None = None, ax: Axes | None = None) -> Figure:
     """Every layer's map for one word, one row of panels, `(layers, rows, cols)`.
 
     Args:
@@ -211,9 +221,10 @@ def plot_layers(image, maps, *, word: str | None = None, labels=None, grid: Grid
     return _panels(tiles, labels, None, 1, len(arr), word, panel_size, fig, ax, scale if colorbar else None, cmap)
 
 
-def save_gif(path, image, words, maps, *, grid: Grid | None = None, sigma: float = SIGMA, cmap=CMAP,
-             alpha: float = ALPHA, normalize: str | None = NORMALIZE, blend: str = BLEND, duration: int = 800,
-             min_size: int = 256, max_size: int = MAX_SIZE, format: str | None = None) -> Path:
+def save_gif(path: PathLike, image: ImageLike, words: Sequence[str], maps: ArrayLike, *, grid: Grid | None = None,
+             sigma: float = SIGMA, cmap: Cmap = CMAP, alpha: float = ALPHA, normalize: str | None = NORMALIZE,
+             blend: str = BLEND, duration: int = 800, min_size: int = 256, max_size: int = MAX_SIZE,
+             format: str | None = None) -> Path:
     """An animation, one frame per word: the word's map over the image and the caption below it, the
     current word highlighted. GIF by default; animated WebP (smaller, full color) for a `.webp` path.
 
@@ -265,7 +276,7 @@ def save_gif(path, image, words, maps, *, grid: Grid | None = None, sigma: float
     scale = min(max(1.0, min_size / max(height, width)), max_size / max(height, width))
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     big = rgb if size == (height, width) else np.asarray(
-        Image.fromarray(rgb).resize(size[::-1], Image.BICUBIC if scale > 1 else Image.LANCZOS))
+        Image.fromarray(rgb).resize(size[::-1], Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS))
     tiles, _, _ = _tiles(big, maps, grid, (height, width), sigma, normalize, [repr(w) for w in words], cmap, alpha,
                          blend)
     frames = [_with_caption(tile, words, i) for i, tile in enumerate(tiles)]
@@ -371,7 +382,7 @@ def _fit(rgb: np.ndarray, max_size: int = MAX_SIZE) -> np.ndarray:
         return rgb
     scale = max_size / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.LANCZOS))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
 
 
 # --- figures -----------------------------------------------------------------------------------------------
@@ -483,7 +494,9 @@ def _with_caption(tile: np.ndarray, words: list[str], current: int) -> Image.Ima
     font = ImageFont.load_default(size=size)
     pad, gap = size // 2, size // 3
     space = font.getlength(" ") + 6
-    lines, line, x = [], [], pad
+    lines: list[list] = []
+    line: list = []
+    x = pad
     for i, word in enumerate(words):
         w = font.getlength(word)
         if line and x + w > width - pad:

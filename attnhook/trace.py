@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from ._types import PathLike
 from .errors import RecordingError, SelectionError
 
 
@@ -278,7 +280,7 @@ class Trace:
     def _has_rows(self, seq: int) -> bool:
         return any(k[1] == seq and c for k, c in self._chunks.items())
 
-    def save(self, path):
+    def save(self, path: PathLike) -> Path:
         """Write the trace to one safetensors file (atomically); read it back with `attnhook.load(path)`.
 
         Rows are tensors named `{site}/{sequence}/{position}`; sites, sequences and `trace.meta` (tokens, words,

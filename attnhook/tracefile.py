@@ -20,12 +20,17 @@ import stat
 import struct
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import _tracemeta
+from ._types import PathLike
 from .errors import RecordingError, TraceFileError
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 FORMAT = "attnhook-trace"
 VERSION = 1
@@ -129,7 +134,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def load(path):
+def load(path: PathLike) -> Trace:
     """Read a trace file written by `Trace.save()`.
 
     The file is untrusted input: its header is read and checked before any tensor (a file that is not a
@@ -382,7 +387,8 @@ def _check_table(path: Path, header: dict, table: dict, data_bytes: int) -> None
     if covered != data_bytes:
         raise TraceFileError(f"{path}: the tensor table covers {covered} bytes of data but the file holds "
                              f"{data_bytes}. The file is truncated or damaged.")
-    listed, dtypes = set(), {}
+    listed: set = set()
+    dtypes: dict = {}
     for seq, sequence in enumerate(header["sequences"]):
         for name, rows in sequence["rows"].items():
             heads = next(s["heads"] for s in header["sites"] if s["name"] == name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from typing import cast
 
 import torch.nn.functional as F
 
@@ -54,9 +55,13 @@ def _project_keys(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: t
     if hit is not None and hit[0]() is key and hit[1] == stamp:
         return hit[2]
     projected = _extend(m, key, weight, bias, axis)
+
+    def forget(r: weakref.ref, ident: tuple[int, int] = ident) -> None:
+        if _KEYS.get(ident, (None,))[0] is r:
+            _KEYS.pop(ident, None)
+
     try:
-        ref = weakref.ref(key, lambda r, ident=ident: _KEYS.pop(ident, None) if _KEYS.get(ident, (None,))[0] is r
-                          else None)
+        ref = weakref.ref(key, forget)
     except TypeError:  # cannot be weakly referenced: no reuse
         return projected
     _KEYS[ident] = (ref, stamp, projected)
@@ -144,7 +149,7 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     """Per-head weights `(batch, heads, hi - lo, keys)` of query rows `lo:hi`, as the module computed them:
     softmax(q k^T / sqrt(d) + masks), as `F.multi_head_attention_forward` computes its weights, projecting only
     those queries and the keys (no values, no output projection; the keys once per key tensor)."""
-    m = call.module
+    m = cast(nn.MultiheadAttention, call.module)
     a = _bind(call).arguments
     query, key = a["query"], a["key"]
     pad, mask = a.get("key_padding_mask"), a.get("attn_mask")
@@ -200,7 +205,7 @@ def _scores(m: nn.MultiheadAttention, q, k, pad, mask, d: int) -> torch.Tensor:
 def _shape(call: Call) -> tuple[int, int, int, int]:
     """(batch, heads, queries, keys) of the weights the call computes (bias_k and a zero key add one each)."""
     batch, queries, keys = _lengths(call)
-    m = call.module
+    m = cast(nn.MultiheadAttention, call.module)
     return batch, m.num_heads, queries, keys + (m.bias_k is not None) + bool(m.add_zero_attn)
 
 
@@ -211,7 +216,7 @@ MULTIHEAD_ATTENTION = AttentionSpec(
     rows=_rows,
     shape=_shape,
     kind=_kind,
-    heads=lambda module: module.num_heads,
+    heads=lambda module: cast(nn.MultiheadAttention, module).num_heads,
     lengths=_lengths,
     valid=_valid,
     query=_query,

@@ -111,7 +111,7 @@ def drawable(image):
         return image
     scale = MAX_DRAW / max(h, w)
     return np.array(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                  Image.BILINEAR))
+                                                  Image.Resampling.BILINEAR))
 
 
 # --- output ----------------------------------------------------------------------------------------------------

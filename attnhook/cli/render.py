@@ -52,7 +52,7 @@ def run(args) -> int:
             h, w = size
             scale = min(1.0, MAX_DRAW / max(h, w))  # drawn at most MAX_DRAW a side: never a huge resize
             shown = np.array(Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                           Image.BILINEAR))
+                                                           Image.Resampling.BILINEAR))
         if args.grid:
             rows, cols = pair(args.grid, "--grid")
             grid = Grid(rows, cols, prefix=args.prefix or 0, rule="given: --grid")

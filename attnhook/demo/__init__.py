@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from torch import nn
-
 from .evaluate import Score, evaluate
-from .models import MODELS, VOCAB, decode_tokens, encode_captions, to_tensor
+from .models import MODELS, VOCAB, _Captioner, decode_tokens, encode_captions, to_tensor
 from .shapes import SIZES, DemoError, Scene, Shape, make_images, make_scene, stack
 
 HERE = Path(__file__).parent
@@ -28,7 +26,7 @@ __all__ = ["NAMES", "SIZES", "DemoError", "Scene", "Score", "Shape", "decode_tok
            "evaluate", "load", "make_images", "make_scene", "stack", "to_tensor"]
 
 
-def load(name: str) -> nn.Module:
+def load(name: str) -> _Captioner:
     """A bundled trained captioner, `"transformer"` or `"sat"`, in eval mode, from its safetensors weights.
 
     The model has `caption(images) -> list[str]`, a teacher-forced `forward(images, tokens)`, `generate()`,

@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..maps import SIGMA, attention_maps, upsample
 from ..record import record
 from ..trace import Trace
 from ..grid import Grid
-from .models import to_tensor
+from .models import _Captioner, to_tensor
 from .shapes import Scene
 
 
@@ -41,7 +40,7 @@ class Score:
     peaks: np.ndarray
 
 
-def caption_and_record(model: torch.nn.Module, scenes: list[Scene]) -> tuple[list[str], Trace]:
+def caption_and_record(model: _Captioner, scenes: list[Scene]) -> tuple[list[str], Trace]:
     """Caption `scenes` (one size) greedily while recording the last cross-attention layer.
 
     Example:
@@ -99,7 +98,7 @@ def score(scenes: list[Scene], captions: list[str], peak: np.ndarray) -> Score:
     return Score(list(captions), exact, hits / max(words, 1), words, peak)
 
 
-def evaluate(model: torch.nn.Module, scenes: list[Scene], sigma: float = SIGMA) -> Score:
+def evaluate(model: _Captioner, scenes: list[Scene], sigma: float = SIGMA) -> Score:
     """Caption `scenes` (one size), record, and score captions and pointing.
 
     Example:

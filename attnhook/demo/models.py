@@ -16,6 +16,7 @@ takes; H and W must be multiples of the model's cell (`model.grid(size)` says so
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -169,13 +170,17 @@ class _Captioner(nn.Module):
             >>> TransformerCaptioner().grid((64, 96))
             Grid(rows=8, cols=12, prefix=0, suffix=0, rule='demo encoder: one key per 8 x 8 pixel cell', box=None)
         """
-        return self.encoder.grid(tuple(image_size))
+        return self.encoder.grid((image_size[0], image_size[1]))
+
+    def generate(self, images: torch.Tensor, max_len: int = MAX_LEN) -> torch.Tensor:
+        """Greedy token ids `(B, 1 + steps)`: each model's own decoding loop."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def caption(self, images, max_len: int = MAX_LEN) -> list[str]:
         """Greedy captions for a batch of images of one size (see `to_tensor()` for what images can be)."""
         images = to_tensor(images)
-        self.grid(tuple(images.shape[-2:]))
+        self.grid((images.shape[-2], images.shape[-1]))
         return decode_tokens(self.generate(images, max_len))
 
 
@@ -321,7 +326,8 @@ class ShowAttendTell(_Captioner):
         places = position_embedding(grid.rows, grid.cols, self.encoder.dim)
         mean = keys.mean(1)
         state = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
-        return keys, places, self.layers[0].attention.keys(keys), state
+        step = cast(AttendStep, self.layers[0])
+        return keys, places, step.attention.keys(keys), state
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits `(B, L, vocab)`; step i reads token i and predicts token i + 1."""

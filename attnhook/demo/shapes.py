@@ -155,7 +155,8 @@ def _place(rng: np.random.Generator, count: int, height: int, width: int) -> tup
             x0, y0 = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
             box = (x0, y0, x0 + side, y0 + side)
             if all(_apart(box, o.box) for o in objects):
-                objects.append(Shape(*kinds[pick], box))
+                color, shape = kinds[pick]
+                objects.append(Shape(color, shape, box))
                 break
     return tuple(sorted(objects, key=lambda o: o.box[0] + o.box[2]))
 

@@ -20,16 +20,18 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .models import MODELS, PAD, encode_captions, to_tensor
+from .models import MODELS, PAD, _Captioner, encode_captions, to_tensor
 from .shapes import SIZES, make_images
 
 TRAIN_SEED = 1  # evaluation and tests use other seeds
 HERE = Path(__file__).parent
-SETTINGS = {  # per model: constructor arguments (the defaults), optimisation, weight of the box term
+# per model: constructor arguments (the defaults), optimisation, weight of the box term
+SETTINGS: dict[str, dict[str, Any]] = {
     "transformer": dict(config={}, steps=2000, batch=64, lr=2e-3, box=0.5),
     "sat": dict(config={}, steps=1500, batch=64, lr=2e-3, box=0.5),
 }
@@ -64,7 +66,9 @@ class _Attention:
     a teacher-forced forward: `(batch, steps, keys)`. Hooks are removed on exit."""
 
     def __init__(self, model: nn.Module):
-        self.model, self.rows, self.handles = model, [], []
+        self.model: Any = model  # either demo model: the attribute paths differ
+        self.rows: list[torch.Tensor] = []
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self):
         if hasattr(self.model, "decoder"):  # TransformerCaptioner: ask the stock MHA for averaged weights
@@ -90,7 +94,7 @@ class _Attention:
 
 
 def train(name: str, steps: int | None = None, batch: int | None = None, lr: float | None = None,
-          seed: int = 0, log_every: int = 0, box: float | None = None) -> tuple[nn.Module, dict]:
+          seed: int = 0, log_every: int = 0, box: float | None = None) -> tuple[_Captioner, dict]:
     """Train demo model `name` from scratch; returns the model in eval mode and what was done.
 
     Example:
@@ -102,7 +106,7 @@ def train(name: str, steps: int | None = None, batch: int | None = None, lr: flo
     steps, batch, lr = steps or settings["steps"], batch or settings["batch"], lr or settings["lr"]
     box = settings["box"] if box is None else box
     torch.manual_seed(seed)
-    model = MODELS[name](**settings["config"]).train()
+    model: _Captioner = MODELS[name](**settings["config"]).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -126,12 +130,13 @@ def train(name: str, steps: int | None = None, batch: int | None = None, lr: flo
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         if log_every and (step + 1) % log_every == 0:
             print(f"{name} step {step + 1}/{steps} loss {smooth:.4f} {time.perf_counter() - start:.0f}s", flush=True)
-    info = dict(steps=steps, batch=batch, lr=lr, box=box, seed=seed, data_seed=TRAIN_SEED, loss=round(smooth, 5),
+    info = dict(steps=steps, batch=batch, lr=lr, box=box, seed=seed, data_seed=TRAIN_SEED,
+                loss=None if smooth is None else round(smooth, 5),
                 seconds=round(time.perf_counter() - start, 1), threads=torch.get_num_threads())
     return model.eval(), info
 
 
-def save(model: nn.Module, name: str, info: dict, folder: Path = HERE) -> Path:
+def save(model: _Captioner, name: str, info: dict, folder: Path = HERE) -> Path:
     """Write `name.safetensors` (float16 weights) into `folder` and record the model in `folder/config.json`.
 
     Example:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from fractions import Fraction
+from typing import TypeGuard
 
 import torch
 
@@ -14,7 +15,7 @@ MAX_SIDE = 1 << 20
 """Largest image side, in pixels, that grid inference accepts (about a million): larger sizes are typos."""
 
 
-def _is_int(x) -> bool:
+def _is_int(x: object) -> TypeGuard[int]:  # any Integral but bool (numpy ints too)
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 

@@ -49,8 +49,8 @@ def _fits(rows: int, cols: int, size, stride) -> str | None:
             if rows == mode(Fraction(h) / sy) and cols == mode(Fraction(w) / sx):
                 return f"cells of {_num(sy)}" + ("" if sy == sx else f" x {_num(sx)}") + " px"
         return None
-    for mode in ("floor", "ceil"):
-        a, b = _cell_interval(rows, h, mode), _cell_interval(cols, w, mode)
+    for rounding in ("floor", "ceil"):
+        a, b = _cell_interval(rows, h, rounding), _cell_interval(cols, w, rounding)
         los = [(a[0], a[1]), (b[0], b[1]), (Fraction(1), True)]
         lo = max(v for v, _ in los)
         lo_closed = all(c for v, c in los if v == lo)

@@ -6,6 +6,7 @@ Mllama tiles. Every tensor is checked before use."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import cast
 
 import torch
 
@@ -19,7 +20,7 @@ from .layout import Grid
 
 
 def _mllama_grid(n, f: _Facts, canvas, image, images, size, prefix, how) -> _Cand:
-    tile, patch, max_tiles, _ = f.tiles
+    tile, patch, max_tiles, _ = cast(tuple, f.tiles)  # set for Mllama, the only caller
     side = tile // patch
     ts = None
     for pad in (0, (8 - (side * side + 1) % 8) % 8):  # cross-attention: no padding; vision encoder: to 8
@@ -155,7 +156,7 @@ def _from_inputs(n, inputs, f: _Facts | None, prefix, size, processor=None) -> _
             found = _views_from_inputs(n, runs, f, get, processor, prefix, size)
             if found is not None:
                 return found
-        return _inline(n, row, token, thw, f, prefix, size)
+        return _inline(n, row, token, thw, cast(_Facts, f), prefix, size)  # token: f set
     if ids is not None and thw is None:
         raise GridError("inputs hold input_ids, but without model= the image token id is unknown: pass model= "
                         "(the model or its config, which names image_token_id).")
@@ -188,7 +189,7 @@ def _pix2struct_ids(n, patches, prefix) -> _Cand:
     rows, cols = int(row_ids.max()), int(col_ids.max())
     count = rows * cols
     ok = 1 <= rows <= n and 1 <= cols <= n and count <= n
-    k = torch.arange(count) if ok else None
+    k = torch.arange(count)
     if not ok or not (torch.equal(row_ids[:count], k // cols + 1)
                       and torch.equal(col_ids[:count], k % cols + 1) and not row_ids[count:].any()):
         raise GridError("inputs['flattened_patches'][..., :2] are not Pix2Struct row/col ids (1-based, row-major, "
@@ -199,7 +200,7 @@ def _pix2struct_ids(n, patches, prefix) -> _Cand:
 
 def _runs(ids, token):
     where = (ids.flatten() == token).nonzero().flatten().tolist()
-    runs = []
+    runs: list[list[int]] = []
     for pos in where:
         if runs and pos == runs[-1][1]:
             runs[-1][1] += 1
@@ -211,7 +212,7 @@ def _runs(ids, token):
 def _rows_of_runs(runs, sep):
     """Group runs of equal length separated by exactly `sep` other tokens (row breaks) into image blocks:
     (start, rows, cols) each."""
-    blocks = []
+    blocks: list[list[int]] = []
     for start, end in runs:
         b = blocks[-1] if blocks else None
         if b is not None and start == b[0] + b[1] * (b[2] + sep) and end - start == b[2]:

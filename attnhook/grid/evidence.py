@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from fractions import Fraction
+from collections.abc import Mapping
+from typing import Any, cast, overload
 
+from .._types import ArrayLike, SizeLike
 from ..errors import GridError
 from ._args import _check_count, _field, _fmt, _is_int, _keys_arg, _mask_arg, _short, _size_arg, _stride_arg
 from ._fit import _PREFIX_NAMES, _Cand, _from_search, _pick
@@ -18,8 +21,24 @@ from .layout import Grid, Regions, Views
 # --------------------------------------------------------------------------------------------------------------
 # infer_grid
 # --------------------------------------------------------------------------------------------------------------
-def infer_grid(keys, image_size=None, model=None, processor=None, grid=None, prefix=None, *, stride=None,
-               key_mask=None, inputs=None, boxes=None):
+@overload
+def infer_grid(keys: int | ArrayLike, image_size: SizeLike | int | None = None, model: Any = None,
+               processor: Any = None, grid: Grid | tuple[int, int] | None = None, prefix: int | None = None, *,
+               stride: int | tuple[int, int] | None = None, key_mask: ArrayLike | None = None,
+               inputs: Mapping[str, Any] | None = None, boxes: None = None) -> Grid: ...
+
+
+@overload
+def infer_grid(keys: int | ArrayLike, image_size: SizeLike | int | None = None, model: Any = None,
+               processor: Any = None, grid: Grid | tuple[int, int] | None = None, prefix: int | None = None, *,
+               stride: int | tuple[int, int] | None = None, key_mask: ArrayLike | None = None,
+               inputs: Mapping[str, Any] | None = None, boxes: ArrayLike) -> Regions: ...
+
+
+def infer_grid(keys: int | ArrayLike, image_size: SizeLike | int | None = None, model: Any = None,
+               processor: Any = None, grid: Grid | tuple[int, int] | None = None, prefix: int | None = None, *,
+               stride: int | tuple[int, int] | None = None, key_mask: ArrayLike | None = None,
+               inputs: Mapping[str, Any] | None = None, boxes: ArrayLike | None = None) -> Grid | Regions:
     """Work out how attention keys lie on the image: prefix tokens, a rows x cols grid, suffix tokens.
 
     Evidence, strongest first: `grid=`; `inputs=` (the processor's output: image token positions in
@@ -106,7 +125,7 @@ def infer_grid(keys, image_size=None, model=None, processor=None, grid=None, pre
             found = _from_config(n, facts, prefix, size, in_size, pre, cell)
         if found is None:
             found = _from_search(n, size, in_size, pre, facts, prefix, cell, mask)
-    return _placed(found, size, pre, in_size)
+    return _placed(cast(_Cand, found), size, pre, in_size)  # every branch above ends in a candidate or raises
 
 
 def _placed(found: _Cand, size, pre, in_size) -> Grid:
@@ -127,7 +146,8 @@ def _placed(found: _Cand, size, pre, in_size) -> Grid:
     if all(abs(a - b) < 1e-6 for a, b in zip(box, whole)):
         return g
     how = "the processor's resize / crop / pad" if pre is not None else "the cells' extent"
-    return replace(g, box=tuple(round(v, 4) + 0.0 for v in box), rule=f"{g.rule}; box from {how}")
+    x0, y0, x1, y1 = (round(v, 4) + 0.0 for v in box)
+    return replace(g, box=(x0, y0, x1, y1), rule=f"{g.rule}; box from {how}")
 
 
 def _regions(n, boxes, prefix) -> Regions:
@@ -209,7 +229,10 @@ def _from_config(n, f: _Facts, prefix, size, in_size, pre, cell) -> _Cand | None
         sources.append((f.input_size, f"{f.name} image_size{squashed}", size == f.input_size))
     if size is not None and pre is None and size != f.input_size:
         sources.append((size, "the image at its own size", True))
-    tried, exact, fallback, inline = [], [], [], []
+    tried: list[str] = []
+    exact: list[_Cand] = []
+    fallback: list[_Cand] = []
+    inline: list[tuple] = []
     for src, where, placed in sources:
         for st in f.stages:
             rc = _stage_grid(st, src)
@@ -224,7 +247,7 @@ def _from_config(n, f: _Facts, prefix, size, in_size, pre, cell) -> _Cand | None
             if rest < 0 or (prefix is not None and prefix > rest):
                 continue
             base = f"config: {st.how} on {_fmt(src)} px ({where}) gives {r} x {c} ({st.where})"
-            cellsize = tuple(Fraction(v) for v in st.cell) if placed else None
+            cellsize = (Fraction(st.cell[0]), Fraction(st.cell[1])) if placed else None
             make = lambda p, s, rule, pk, sk: _Cand(Grid(r, c, p, s, rule, prefix_kind=pk, suffix_kind=sk,  # noqa
                                                           row_sep=st.row_sep), cellsize)
             if prefix is not None:
@@ -244,7 +267,7 @@ def _from_config(n, f: _Facts, prefix, size, in_size, pre, cell) -> _Cand | None
                                   st.prefix_kind, "text"))
             elif rest > st.prefix + st.suffix and is_inline:
                 inline.append((r, c, st, rest, base, make))
-    unique = {}
+    unique: dict[tuple, _Cand] = {}
     for cand in exact or fallback:
         g = cand.grid
         unique.setdefault((g.prefix, g.rows, g.cols, g.suffix, g.row_sep), cand)
@@ -282,7 +305,7 @@ def _from_special(n, ip, f: _Facts | None, prefix, size) -> _Cand | None:
     if get("max_patches") is not None or (f is not None and f.model.special == "pix2struct" and ip is None):
         if size is None:
             return None
-        max_patches = get("max_patches") if get("max_patches") is not None else n
+        max_patches: Any = get("max_patches") if get("max_patches") is not None else n
         if not _is_int(max_patches) or not 1 <= max_patches <= 1 << 20:
             raise GridError(f"The processor's max_patches must be an int from 1 to {1 << 20}, got "
                             f"{_short(max_patches)}.")

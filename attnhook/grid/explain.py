@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
+from .._types import ArrayLike, SizeLike
 from ..errors import AmbiguousGrid, GridError
 from ._args import _fmt, _is_int, _num, _size_arg
 from ._fit import _fits
@@ -81,8 +84,10 @@ def _softmax_axis(tensor, nd) -> str | None:
     return "none"
 
 
-def explain(shape_or_tensor, image_size=None, model=None, *, processor=None, grid=None, prefix=None,
-            stride=None, key_mask=None, inputs=None) -> str:
+def explain(shape_or_tensor: str | ArrayLike, image_size: SizeLike | int | None = None, model: Any = None, *,
+            processor: Any = None, grid: Grid | tuple[int, int] | None = None, prefix: int | None = None,
+            stride: int | tuple[int, int] | None = None, key_mask: ArrayLike | None = None,
+            inputs: Mapping[str, Any] | None = None) -> str:
     """A readable diagnosis of an attention tensor's shape: what each axis is, how the keys lie on the image,
     and the usual mistakes (heads not reduced, prefix not dropped, axes swapped, a whole sequence where one row
     was meant, a grid that does not match the image's aspect ratio).

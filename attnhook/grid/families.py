@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any, cast
 
 from ..errors import GridError
 from ._args import MAX_SIDE, _fmt, _is_int, _is_real, _pair_or_none, _short
@@ -78,7 +79,7 @@ class Model:
     views: str = ""
 
 
-_NO_CLS = dict(prefix=0, prefix_kind="")
+_NO_CLS: dict[str, Any] = dict(prefix=0, prefix_kind="")
 TOWERS: tuple[Tower, ...] = (
     Tower("ViT / CLIP / BLIP", ("vit", "clip_vision_model", "blip_vision_model", "blip_2_vision_model",
                                 "instructblip_vision_model", "instructblipvideo_vision_model", "git_vision_model",
@@ -262,16 +263,17 @@ class _Facts:
 
 def _stages(cfg, vis, f: _Facts) -> list[Stage]:
     t, m = f.tower, f.model
+    patch = cast("tuple[int, int]", f.patch)  # the caller checked it
     registers = _cfg_int(vis, "num_register_tokens", default=0, minimum=0) if t.registers else 0
     prefix = t.prefix + registers
     kind = t.prefix_kind + (f" + {registers} registers" if registers else "")
     grid = None
     if f.input_size is not None:
-        grid = (f.input_size[0] // f.patch[0], f.input_size[1] // f.patch[1])
+        grid = (f.input_size[0] // patch[0], f.input_size[1] // patch[1])
         if min(grid) < 1:
             grid = None
     fields = f"{f.name} patch {_fmt(f.patch)}"
-    stages = [Stage("vision tower", f.patch, grid, prefix, kind, t.suffix, t.suffix_kind, fields)]
+    stages = [Stage("vision tower", patch, grid, prefix, kind, t.suffix, t.suffix_kind, fields)]
     if m.placement == "cross" or m.special or m.learned_queries or m.refuse:
         return stages  # the decoder's keys are not the tower's grid, or not placed from the config alone
     drop = m.drop == "always" or (m.drop == "select" and _get(cfg, "vision_feature_select_strategy") == "default")
@@ -280,7 +282,7 @@ def _stages(cfg, vis, f: _Facts) -> list[Stage]:
     k = f.merge
     if k > 1:
         how += f", {m.merge_name} {k} x {k}" + (f" ({m.merge[0]})" if m.merge else "")
-    cell = (f.patch[0] * k, f.patch[1] * k)
+    cell = (patch[0] * k, patch[1] * k)
     dgrid = None
     if grid is not None:
         if m.rounding == "ceil":

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
+from .._types import ArrayT, SizeLike
 from ..errors import GridError
 from ._args import MAX_SIDE, _check_count, _is_int, _is_real, _short, _size_arg
 
@@ -125,7 +127,7 @@ class Grid:
         tile = (r // th) * self.tiles[1] + c // tw
         return self.prefix + tile * self._tile_keys + self.tile_prefix + (r % th) * (tw + self.row_sep) + c % tw
 
-    def take(self, weights):
+    def take(self, weights: ArrayT) -> ArrayT:
         """The grid part of attention rows: `(..., keys)` -> `(..., rows, cols)`, for torch tensors and numpy arrays.
 
         Prefix, suffix and separator keys are dropped; nothing is renormalized. Refuses rows whose key count
@@ -144,12 +146,12 @@ class Grid:
                 "their last axis must be the keys. Infer the grid for these weights: "
                 f"infer_grid({shape[-1] if shape else 0}, ...)."
             )
-        index = self.index()
+        index: Any = self.index()  # a tensor, or its numpy array for numpy weights
         if not isinstance(weights, torch.Tensor):
             index = index.numpy()
         return weights[..., index]
 
-    def cell_box(self, row: int, col: int, image_size) -> tuple[float, float, float, float]:
+    def cell_box(self, row: int, col: int, image_size: SizeLike) -> tuple[float, float, float, float]:
         """Where one cell lies on the original image, `(x0, y0, x1, y1)` in pixels (it may reach beyond the
         image when the model padded it).
 
@@ -214,7 +216,7 @@ class Grid:
         return out
 
     @classmethod
-    def from_json(cls, data) -> Grid:
+    def from_json(cls, data: dict) -> Grid:
         """A `Grid` from `to_json()` output, every field checked (types, finite, bounded); unknown or missing
         fields are refused with a `GridError`. Fields added later (`row_sep`) default when absent."""
         if not isinstance(data, dict):
@@ -309,13 +311,13 @@ class Regions:
         """Key index of every region, a `(regions,)` long tensor."""
         return torch.arange(len(self.boxes)) + self.prefix
 
-    def take(self, weights):
+    def take(self, weights: ArrayT) -> ArrayT:
         """The region part of attention rows: `(..., keys)` -> `(..., regions)`; nothing renormalized."""
         shape = tuple(getattr(weights, "shape", ()))
         if not shape or shape[-1] != self.keys:
             raise GridError(f"These regions lay out {self.keys} keys ({self.describe()}), but the weights have "
                             f"shape {shape}: their last axis must be the keys. Pass the boxes of these features.")
-        index = self.index()
+        index: Any = self.index()  # a tensor, or its numpy array for numpy weights
         if not isinstance(weights, torch.Tensor):
             index = index.numpy()
         return weights[..., index]
