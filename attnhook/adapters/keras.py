@@ -228,9 +228,10 @@ def _checked(call: Call, base: type) -> dict:
             f"{type(layer).__name__} overrides {base.__name__}._compute_attention, so the probabilities "
             f"attnhook computes as {base.__name__} does would not be what ran. Register a spec for it: "
             f"attnhook.register(AttentionSpec('mine', {type(layer).__name__}, read=...)) (docs/keras.md).")
-    if len(a["query"].shape) != 3 or tuple(layer._attention_axes) not in ((1,), (-2,)):
+    axes = tuple(getattr(layer, "_attention_axes", None) or (1,))  # GroupQueryAttention: always one axis
+    if len(a["query"].shape) != 3 or axes not in ((1,), (-2,)):
         raise SpecError(
-            f"{type(layer).__name__} attends over axes {tuple(layer._attention_axes)} of a query shaped "
+            f"{type(layer).__name__} attends over axes {axes} of a query shaped "
             f"{tuple(a['query'].shape)}; attnhook records attention over one sequence axis, queries "
             "(batch, queries, features). Reshape the inputs to one sequence axis, or register your own spec.")
     return a

@@ -219,3 +219,20 @@ def test_tf_function_is_refused_by_name(tutorial):
         with ah.record(model, sites="cross"):
             caption_step(image, np.array([[1, 3]] * 2, "int32"))
     no_wrappers(model)
+
+
+def test_group_query_attention_rows_equal_its_own_scores():
+    keras.utils.set_random_seed(3)
+    gqa = keras.layers.GroupQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng(2)
+    x, memory = rng.random((2, 5, 8)).astype("float32"), rng.random((2, 9, 8)).astype("float32")
+    before = np_(gqa(x, memory))
+    (site,) = ah.find_attention(gqa)
+    assert (site.family, site.heads) == ("keras.GroupQueryAttention", 4)
+    with ah.record(gqa) as trace:
+        inside = gqa(x, memory)
+    np.testing.assert_array_equal(np_(inside), before)
+    _, own = gqa(x, memory, return_attention_scores=True)  # (batch, heads, 5, 9)
+    own = torch.from_numpy(np.array(np_(own)))
+    torch.testing.assert_close(trace.weights(site), own.permute(0, 2, 1, 3), rtol=1e-5, atol=1e-6)
+    assert "call" not in vars(gqa)
