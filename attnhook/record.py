@@ -40,7 +40,8 @@ def _kind_from_name(name: str) -> str:
 
 
 def find_attention(model: nn.Module) -> list[Site]:
-    """List the attention modules of `model` that attnhook can record.
+    """List the attention modules of `model` (a torch module, or a Keras 3 layer or model: docs/keras.md) that
+    attnhook can record.
 
     A module matched by a spec is one site; modules inside it are not searched further. A site's kind comes
     from its spec, else from its attribute name (`self_attn`, `multihead_attn`, `*cross*`, ...), else it is
