@@ -5,6 +5,7 @@ Pure functions over tensors; no hooks and no positions (those are `_hooks` and `
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import SpecError
@@ -19,9 +20,26 @@ def read_what(spec, name: str, weights) -> str:
     return f"Spec {spec.name!r} read {what} at site {name!r}"
 
 
+def to_torch(x):
+    """A torch tensor as it is (detached); a numpy, JAX or TensorFlow array copied into one (bfloat16 and other
+    dtypes numpy does not know become float32); anything else unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if not hasattr(x, "__array__") or isinstance(x, (str, bytes)):
+        return x
+    a = np.asarray(x)
+    if a.dtype.kind == "V" or a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (JAX, TF): numpy-only dtype
+        a = a.astype(np.float32)
+    if not a.flags.writeable or not a.flags.c_contiguous:  # JAX hands out read-only views
+        a = np.array(a, order="C")
+    return torch.from_numpy(a)
+
+
 def as_rows(spec, name: str, weights, first: bool, training: bool, sinks: bool = False) -> torch.Tensor:
     """Normalise to (batch, heads, queries, keys); the first call of a site is checked to be probabilities
-    (rows of a module with attention sinks may sum to less than 1: the rest went to the sinks)."""
+    (rows of a module with attention sinks may sum to less than 1: the rest went to the sinks). Arrays of other
+    frameworks (a Keras layer's output on JAX or TensorFlow) are copied into torch tensors."""
+    weights = to_torch(weights)
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point() or not 2 <= weights.dim() <= 4:
         raise SpecError(f"{read_what(spec, name, weights)}. {EXPECTED}. If it is None, the module did not "
                         "return weights: the spec's force function must make it (e.g. need_weights=True), or "

@@ -55,9 +55,10 @@ _ACTIVE_LOCK = threading.Lock()
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
-def claim(model: nn.Module) -> Callable[[], None]:
-    """Mark every module of `model` as recorded; refuse a model (or submodule) already being recorded."""
-    modules = list(model.modules())
+def claim(model: nn.Module, modules=None) -> Callable[[], None]:
+    """Mark every module of `model` (or the `modules` given) as recorded; refuse a model (or submodule)
+    already being recorded."""
+    modules = list(model.modules()) if modules is None else list(modules)
     with _ACTIVE_LOCK:
         busy = [m for m in modules if m in _ACTIVE]
         if busy:

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import _calls
-from ._hooks import Undo, claim, hook
+from . import _calls, _tree
+from ._hooks import Undo, claim
 from ._positions import Event, Placement, Tracker
 from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SpecError
 from .registry import KINDS, Call, lookup, specs
@@ -40,7 +40,8 @@ def _kind_from_name(name: str) -> str:
 
 
 def find_attention(model: nn.Module) -> list[Site]:
-    """List the attention modules of `model` that attnhook can record.
+    """List the attention modules of `model` (a torch module, or a Keras 3 layer or model: docs/keras.md) that
+    attnhook can record.
 
     A module matched by a spec is one site; modules inside it are not searched further. A site's kind comes
     from its spec, else from its attribute name (`self_attn`, `multihead_attn`, `*cross*`, ...), else it is
@@ -56,13 +57,15 @@ def find_attention(model: nn.Module) -> list[Site]:
         layers.1.self_attn (torch.MultiheadAttention, self layer 1, 4 heads)
         layers.1.multihead_attn (torch.MultiheadAttention, cross layer 1, 4 heads)
     """
-    if not isinstance(model, nn.Module):
+    tree = _tree.of(model)
+    if tree is None:
         raise NoAttentionFound(
-            f"find_attention() takes a torch.nn.Module, got {type(model).__name__}. Pass the model itself "
-            "(for a Hugging Face pipeline, pass pipeline.model)."
+            f"find_attention() takes a torch.nn.Module or a Keras 3 layer or model, got {type(model).__name__}. "
+            "Pass the model itself (for a Hugging Face pipeline, pass pipeline.model)."
         )
     sites, inside = [], []
-    for name, module in model.named_modules():
+    named = list(tree.named())
+    for name, module in named:
         if any(name.startswith(prefix) for prefix in inside):
             continue
         spec = lookup(module)
@@ -75,7 +78,7 @@ def find_attention(model: nn.Module) -> list[Site]:
     if not sites:
         known = ", ".join(s.name for s in specs())
         raise NoAttentionFound(
-            f"No attention module found in {type(model).__name__}: none of its {sum(1 for _ in model.modules())} "
+            f"No attention module found in {type(model).__name__}: none of its {len(named)} "
             f"modules matches a registered spec ({known}). If the model computes attention in its own module, "
             "describe it with attnhook.register(attnhook.AttentionSpec(name, match=YourAttention, "
             "read=lambda call: call.output[1])); see docs/recording.md."
@@ -100,7 +103,8 @@ class record:
     """Record per-head attention weights of `model` for every generated token, inside a `with` block.
 
     Args:
-        model: any `torch.nn.Module` holding attention modules that a spec describes.
+        model: any `torch.nn.Module` (or Keras 3 layer or model, docs/keras.md) holding attention modules that a
+            spec describes.
         sites: `"all"`, `"self"`, `"cross"`, a name glob, a `Site`, or a list of those.
         layers: layer index or list of them; negative counts from the end of each stack (`-1`: last layer).
         step: a module (or its name, or a list of them) whose every call ends one decoding step, for loops
@@ -153,7 +157,8 @@ class record:
         self.rows, self.max_bytes, self.on_limit, self._kept = rows, max_bytes, on_limit, 0
         self.model = model
         found = find_attention(model)
-        self._steppers = _step_modules(model, step)
+        self._tree = _tree.of(model)
+        self._steppers = _step_modules(self._tree, step)
         self.selected = {s.name: s for s in select(found, sites, layers)}
         # An "auto" site picked only by a kind selector is dropped (never forced) if its call says otherwise;
         # one picked by name, glob or "all" is recorded whatever its kind.
@@ -180,18 +185,18 @@ class record:
 
     # --- context manager -----------------------------------------------------------------------------
     def __enter__(self) -> Trace:
-        self._undo.push(claim(self.model))
+        self._undo.push(claim(self.model, self._tree.modules()))
         self._thread = threading.get_ident()
         try:
             for name in list(self.selected) + list(self.watched):
-                module = self.model.get_submodule(name)
+                module = self._tree.get(name)
                 spec = lookup(module)
                 after = partial(self._after, name, spec) if name in self.selected else None
-                hook(self._undo, module, partial(self._before, name, spec), after, first=True)
+                self._tree.hook(self._undo, module, partial(self._before, name, spec), after, first=True)
             # after the site hooks: a spec's own capture hooks, prepended, run before the recorder reads
             by_spec: dict = {}
             for name in self.selected:
-                module = self.model.get_submodule(name)
+                module = self._tree.get(name)
                 by_spec.setdefault(lookup(module), []).append(module)
             for spec, modules in by_spec.items():
                 if spec.prepare is not None:
@@ -203,7 +208,7 @@ class record:
                                         "nothing).")
                     self._undo.push(undo)
             for module in self._steppers:
-                self._undo.push(module.register_forward_hook(lambda *_: self._step()).remove)
+                self._tree.hook(self._undo, module, after=lambda *_: self._step())
             if self._steppers:
                 self._steps_known()
         except BaseException as e:
@@ -292,7 +297,7 @@ class record:
         else:
             first = name not in self._checked
             self._checked.add(name)
-            weights = _calls.as_rows(spec, name, spec.read(call), first, module.training)
+            weights = _calls.as_rows(spec, name, spec.read(call), first, self._tree.training(module))
         with self._lock:
             self._place(name, self._event(name, call, weights), weights)
         if spec.force is not None and spec.restore is not None:
@@ -451,7 +456,7 @@ class _Beside:
         return weights[:, :, : want - lo]
 
 
-def _step_modules(model: nn.Module, step) -> list[nn.Module]:
+def _step_modules(tree: "_tree.Tree", step) -> list:
     if step is None:
         return []
     items = list(step) if isinstance(step, (list, tuple)) else [step]
@@ -459,12 +464,12 @@ def _step_modules(model: nn.Module, step) -> list[nn.Module]:
     for item in items:
         if isinstance(item, str):
             try:
-                item = model.get_submodule(item)
+                item = tree.get(item)
             except AttributeError:
-                raise RecordingError(f"step={item!r} names no module of {type(model).__name__}. Pass the module "
+                raise RecordingError(f"step={item!r} names no module of {type(tree.model).__name__}. Pass the module "
                                      "whose every call ends one decoding step (e.g. step=model.head), or its "
                                      "name as in model.named_modules().") from None
-        if not isinstance(item, nn.Module):
+        if not _tree.is_module_class(type(item)):
             raise RecordingError(f"step must be a module, a module name, or a list of them, got {item!r}. Pass the "
                                  "module whose every call ends one decoding step, e.g. step=model.head.")
         out.append(item)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ._tree import is_module_class
 from .errors import SpecError
 
 KINDS = ("self", "cross")
@@ -119,9 +120,10 @@ class AttentionSpec:
             raise SpecError(f"AttentionSpec.name must be a non-empty string, got {self.name!r}.")
         patterns = self.match if isinstance(self.match, tuple) else (self.match,)
         for p in patterns:
-            if not (isinstance(p, str) or (isinstance(p, type) and issubclass(p, nn.Module))):
+            if not (isinstance(p, str) or is_module_class(p)):
                 raise SpecError(
-                    f"AttentionSpec {self.name!r}: match must be an nn.Module subclass or a glob string, "
+                    f"AttentionSpec {self.name!r}: match must be an nn.Module (or Keras layer) subclass or a glob "
+                    "string, "
                     f"got {p!r}. Pass the attention class itself, e.g. match=MyAttention."
                 )
         if not callable(self.read):

@@ -11,7 +11,7 @@ import sys
 import threading
 
 # adapter module -> the library that must already be imported for it to load
-_ADAPTERS = {"torch": "torch", "transformers": "transformers"}
+_ADAPTERS = {"torch": "torch", "transformers": "transformers", "keras": "keras"}
 _LOADED: set[str] = set()
 _LOCK = threading.RLock()
 
