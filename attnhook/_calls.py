@@ -5,6 +5,8 @@ Pure functions over tensors; no hooks and no positions (those are `_hooks` and `
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
@@ -96,7 +98,7 @@ def guess_tensors(call, batch: int, queries: int, keys: int) -> tuple[torch.Tens
     return query, memory
 
 
-def compare(held: torch.Tensor | None, new: torch.Tensor, loose: bool) -> str:
+def compare(held: torch.Tensor | None, new: torch.Tensor, loose: bool) -> Literal["same", "mapped", "different"]:
     """Whether `new` rows `(batch, heads, keys)` equal the `held` rows: `"same"`, `"mapped"` (each new row
     equals one held row: beam hypotheses reordered), or `"different"`."""
     if held is None:

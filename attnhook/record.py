@@ -13,7 +13,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from ._hooks import Undo, claim
 from ._positions import Event, Placement, Tracker
 from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SpecError
 from .registry import KINDS, Call, lookup, specs
+from ._types import LayerSelector, SiteSelector
 from .trace import Site, Trace, _by_which, layer_of, select
 
 # attribute names that say what an attention module attends to, when the spec cannot say it
@@ -63,8 +64,9 @@ def find_attention(model: nn.Module) -> list[Site]:
             f"find_attention() takes a torch.nn.Module or a Keras 3 layer or model, got {type(model).__name__}. "
             "Pass the model itself (for a Hugging Face pipeline, pass pipeline.model)."
         )
-    sites, inside = [], []
-    named = list(tree.named())
+    sites: list[Site] = []
+    inside: list[str] = []
+    named: list[tuple[str, Any]] = list(tree.named())
     for name, module in named:
         if any(name.startswith(prefix) for prefix in inside):
             continue
@@ -141,9 +143,10 @@ class record:
         torch.Size([2, 3, 4, 49])
     """
 
-    def __init__(self, model: nn.Module, sites="all", *, layers=None, step=None,
-                 dtype: torch.dtype | None = None, device="cpu", keys: slice | None = None, rows: str = "tokens",
-                 max_bytes: int | None = None, on_limit: str = "warn"):
+    def __init__(self, model: Any, sites: SiteSelector = "all", *, layers: LayerSelector | None = None,
+                 step: Any = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 keys: slice | None = None, rows: str = "tokens", max_bytes: int | None = None,
+                 on_limit: str = "warn") -> None:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise RecordingError(f"dtype must be a floating torch dtype such as torch.float16, got {dtype!r}.")
         if keys is not None and not isinstance(keys, slice):
@@ -157,7 +160,11 @@ class record:
         self.rows, self.max_bytes, self.on_limit, self._kept = rows, max_bytes, on_limit, 0
         self.model = model
         found = find_attention(model)
-        self._tree = _tree.of(model)
+        tree = _tree.of(model)
+        if tree is None:  # find_attention() has refused anything else already
+            raise NoAttentionFound(f"record() takes a torch.nn.Module or a Keras 3 layer or model, got "
+                                   f"{type(model).__name__}.")
+        self._tree: _tree.Tree = tree
         self._steppers = _step_modules(self._tree, step)
         self.selected = {s.name: s for s in select(found, sites, layers)}
         # An "auto" site picked only by a kind selector is dropped (never forced) if its call says otherwise;
@@ -292,6 +299,7 @@ class record:
             return None  # selected only after this call began (kind resolved late): nothing was forced
         call = stack.pop()
         call.output = output
+        weights: Any
         if spec.rows is not None and spec.shape is not None:
             weights = _Beside(spec, name, call, self)  # computed beside the call, only for the rows kept
         else:
@@ -338,11 +346,12 @@ class record:
             self._tracker.new_run()
             self._held.clear()
 
-    def _place(self, name: str, event: Event, weights: torch.Tensor | None) -> None:
+    def _place(self, name: str, event: Event, weights: Any) -> None:
+        """Place one call's rows (`weights`: a tensor, a `_Beside`, or None for a watched call)."""
         self._sync()
         loose = weights is not None and (self.dtype or weights.dtype) in (torch.float16, torch.bfloat16)
 
-        def same(position: int, row: int) -> str:
+        def same(position: int, row: int) -> Literal["same", "mapped", "different"]:
             new = weights[:, :, row]
             if self.keys is not None:
                 new = new[..., self.keys]
@@ -407,7 +416,7 @@ class record:
     def _room(self, nbytes: int) -> bool:
         if self.trace.cut:
             return False
-        if self._kept + nbytes <= self.max_bytes:
+        if self.max_bytes is None or self._kept + nbytes <= self.max_bytes:
             self._kept += nbytes
             return True
         self.trace.cut = True

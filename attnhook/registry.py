@@ -209,7 +209,7 @@ def specs() -> list[AttentionSpec]:
         return list(reversed(_SPECS))
 
 
-def lookup(module: nn.Module) -> AttentionSpec | None:
+def lookup(module: Any) -> AttentionSpec | None:
     """The spec that describes `module`, or None."""
     _load_builtins()
     cls = type(module)

@@ -27,7 +27,7 @@ def _params(cls: type) -> dict[str, int]:
     """Positions of the parameters of `cls.forward` after `self`."""
     params = _PARAMS.get(cls)
     if params is None:
-        names = list(inspect.signature(cls.forward).parameters)[1:]
+        names = list(inspect.signature(getattr(cls, "forward")).parameters)[1:]
         params = _PARAMS[cls] = {n: i for i, n in enumerate(names)}
     return params
 
@@ -155,7 +155,7 @@ def _source(cls: type) -> str:
     """The source of the class's `forward` and `__init__` (inherited ones included)."""
     if cls not in _SOURCES:
         parts = []
-        for fn in (cls.forward, cls.__init__):
+        for fn in (getattr(cls, "forward"), getattr(cls, "__init__")):
             try:
                 parts.append(inspect.getsource(inspect.unwrap(fn)))
             except (OSError, TypeError):

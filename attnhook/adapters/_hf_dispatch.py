@@ -62,9 +62,13 @@ class Part:
 class Plan:
     """The modules one recording watches: caller module -> the slot that collects its calls."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.callers: dict[nn.Module, Any] = {}
         self.active = True
+        self.modules: dict[nn.Module, str] = {}  # every module of the recorded model, with its name
+        self.recording: Any = None  # the adapter's per-recording state
+        self.kinds: dict[nn.Module, str] = {}  # the kind each module's first recorded call showed
+        self.caching: set[nn.Module] = set()  # modules whose layer of the cache has held tokens
 
 
 class _Dispatch:
@@ -126,7 +130,7 @@ def activate(plan: Plan) -> None:
                 fn = getitem(self, key)
                 return _Dispatch(fn, None) if _PLANS.get() and callable(fn) else fn
 
-            AttentionInterface.__getitem__ = __getitem__
+            setattr(AttentionInterface, "__getitem__", __getitem__)
             original = getattr(AttentionInterface, "get_interface", None)
             if original is not None:
                 def get_interface(self, attn_implementation, default):
@@ -137,7 +141,7 @@ def activate(plan: Plan) -> None:
                         return _Dispatch(fn.fn, default)
                     return _Dispatch(fn, default)
 
-                AttentionInterface.get_interface = get_interface
+                setattr(AttentionInterface, "get_interface", get_interface)
         _PATCH["count"] += 1
     _PLANS.set(_PLANS.get() + (plan,))
 
@@ -178,7 +182,7 @@ def eager_function(cls: type):
     """The eager function `cls.forward` falls back to: the one it passes to `get_interface`, or assigns to
     `attention_interface` before looking up another (transformers 4.x), or its file's `eager_attention_forward`."""
     if cls not in _EAGER:
-        forward = inspect.unwrap(cls.forward)
+        forward = inspect.unwrap(getattr(cls, "forward"))
         scope = getattr(forward, "__globals__", {})
         try:
             source = inspect.getsource(forward)

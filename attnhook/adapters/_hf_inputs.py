@@ -4,6 +4,8 @@ coordinates). A mixin of the adapter's per-recording state; it writes `trace.met
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._hf_call import _CACHE_ARGS, _arg
@@ -12,6 +14,17 @@ from ._hf_call import _CACHE_ARGS, _arg
 class ImageInputs:
     """Methods of `_Recording` that read the model's inputs (hooks on its `PreTrainedModel`s and word
     embeddings)."""
+
+    trace: Any
+    model: Any
+    image_token: int | None
+    learned_queries: bool
+    ids_length: int | None
+    image_found: bool
+    thw: list | None
+
+    def mine(self) -> bool:  # the recording's: whether this thread entered the block
+        raise NotImplementedError
 
     def _see_inputs(self, module, args, kwargs):
         if not self.mine():

@@ -86,8 +86,6 @@ class _Recording(ImageInputs):
         self.names = {m: n for n, m in self.model.named_modules()}
         self.plan.modules = self.names
         self.plan.recording = self
-        self.plan.kinds = {}
-        self.plan.caching = set()  # modules whose layer of the cache has held tokens
         self.models: list | None = None
         self.words = _word_embeddings(self.model)
         config = getattr(self.model, "config", None)
@@ -114,7 +112,7 @@ class _Recording(ImageInputs):
         if callers:
             slot = _Slot(self, site, "interface", token_decoder)
             for m in callers:
-                impl = m.config._attn_implementation
+                impl = getattr(m.config, "_attn_implementation")
                 if isinstance(impl, str) and "flex" in impl:
                     raise RecordingError(
                         f"{type(m).__name__} ({self.names.get(m, '?')}) runs attn_implementation={impl!r}, whose "
@@ -301,21 +299,24 @@ class _Recording(ImageInputs):
 
 def _output_recorder() -> type:
     """transformers' `OutputRecorder` (moved from `utils.generic` to `utils.output_capturing` in 5.0)."""
-    try:
-        from transformers.utils.output_capturing import OutputRecorder
-    except ImportError:
-        from transformers.utils.generic import OutputRecorder
-    return OutputRecorder
+    import importlib
+
+    for where in ("transformers.utils.output_capturing", "transformers.utils.generic"):
+        try:
+            return getattr(importlib.import_module(where), "OutputRecorder")
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError("OutputRecorder is in neither transformers.utils.output_capturing nor .generic")
 
 
 def _returns_tuple(cls: type) -> bool:
-    annotation = inspect.signature(cls.forward).return_annotation
+    annotation = inspect.signature(getattr(cls, "forward")).return_annotation
     return annotation not in (torch.Tensor, "torch.Tensor", "Tensor")
 
 
 def _output_embeddings(model: nn.Module):
     try:
-        head = model.get_output_embeddings()
+        head = getattr(model, "get_output_embeddings")()
     except (NotImplementedError, AttributeError):
         return None
     return head if isinstance(head, nn.Module) else None
@@ -323,7 +324,7 @@ def _output_embeddings(model: nn.Module):
 
 def _word_embeddings(model: nn.Module):
     try:
-        return model.get_input_embeddings()
+        return getattr(model, "get_input_embeddings")()
     except (NotImplementedError, AttributeError):
         return None
 
@@ -367,7 +368,7 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
     """The weights' shape as the trace keeps them; what `_rows` needs goes to `call.state`."""
     slot = _slot_of(call.module)
     parts = slot.take() if slot is not None else []
-    if not parts:
+    if slot is None or not parts:
         raise SpecError(
             f"{type(call.module).__name__} ran without handing over attention weights "
             f"(capture by {slot.how if slot else 'nothing set up'}). It did not reach transformers' attention "
