@@ -341,3 +341,23 @@ def test_a_forced_legacy_site_says_so_and_stays_within_its_bound():
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_grouped_query_rows_on_the_same_inputs_equal_the_eager_weights():
+    """One Llama attention layer (8 query heads sharing 2 key heads), the same inputs under sdpa (recorded)
+    and eager (its own weights): within 1e-6."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                                      intermediate_size=32, num_hidden_layers=1, vocab_size=V)
+    config._attn_implementation = "sdpa"
+    layer = transformers.models.llama.modeling_llama.LlamaAttention(config, layer_idx=0).eval()
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
+    x = torch.randn(2, 7, 64)
+    position = rotary(x, torch.arange(7)[None].expand(2, -1))
+    mask = torch.full((7, 7), float("-inf")).triu(1)[None, None].expand(2, 1, 7, 7)
+    with ah.record(layer) as trace:
+        out = layer(x, position, attention_mask=mask)[0]
+    config._attn_implementation = "eager"
+    ref, weights = layer(x, position, attention_mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # sdpa ran inside the block, eager here
+    torch.testing.assert_close(trace.weights(trace.sites[0]), weights.transpose(1, 2), atol=1e-6, rtol=0)

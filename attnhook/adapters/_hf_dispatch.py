@@ -219,6 +219,8 @@ def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
     if "output_attentions" in kwargs or _takes(part.eager, "output_attentions"):
         kwargs["output_attentions"] = True  # some eager functions (CLIP in transformers 4) drop them otherwise
     with torch.no_grad(), _evaluating(part.module):
+        if not args and isinstance(kwargs.get("scaling"), float) and _standard(part.eager):
+            return _grouped(query, part.key, mask, kwargs["scaling"])
         _, weights = part.eager(part.module, query, part.key, part.value, mask, *args, **kwargs)
     if not isinstance(weights, torch.Tensor):
         raise RecordingError(
@@ -226,6 +228,49 @@ def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
             f"returned {type(weights).__name__} instead of attention weights. Leave the site out with "
             "record(model, sites=...), or describe it with an AttentionSpec.")
     return weights
+
+
+def _grouped(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """The standard eager function's weights (Llama's `eager_attention_forward`, copied by most models), with
+    the same operations in the same order, but grouped query heads multiply their shared key head directly
+    instead of a repeated copy of the keys, and no values are multiplied: only the weights are needed."""
+    batch, heads, rows, dim = query.shape
+    groups, keys = key.shape[1], key.shape[2]
+    q = query.reshape(batch, groups, heads // groups * rows, dim)
+    weights = torch.matmul(q, key.transpose(2, 3)).view(batch, heads, rows, keys) * scaling
+    if mask is not None:
+        weights = weights + mask[:, :, :, :keys]
+    return torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+_STANDARD: dict[Any, bool] = {}
+
+
+def _standard(fn) -> bool:
+    """Whether `fn` is, line for line, Llama's `eager_attention_forward` (the body most models copy)."""
+    if fn not in _STANDARD:
+        try:
+            from transformers.models.llama import modeling_llama
+
+            template = modeling_llama.eager_attention_forward
+            same = _body(fn) == _body(template) and getattr(fn, "__globals__", {}).get("repeat_kv") is not None
+            _STANDARD[fn] = same and _body(template) != ""
+        except (ImportError, AttributeError):
+            _STANDARD[fn] = False
+    return _STANDARD[fn]
+
+
+def _body(fn) -> str:
+    """The statements after the signature, without comments or blank lines ("" if the source is unknown)."""
+    try:
+        lines = inspect.getsource(fn).splitlines()
+    except (OSError, TypeError):
+        return ""
+    end = next((i for i, line in enumerate(lines) if line.rstrip().endswith(":") and ")" in line), None)
+    if end is None:
+        return ""
+    kept = [line.strip() for line in lines[end + 1:]]
+    return "\n".join(line for line in kept if line and not line.startswith("#"))
 
 
 _TAKES: dict[tuple, bool] = {}
