@@ -102,8 +102,10 @@ class KerasTree(Tree):
         ids = {id(k) for k in kids}
         where: dict[int, str] = {}
         attrs = {**vars(layer), **(vars(layer).get("_modules") or {})}  # torch backend: sublayers in _modules
-        for attr, value in attrs.items():
-            if attr in _INTERNAL:
+        # public attributes first; TensorFlow's trackable bookkeeping (`_self_unconditional_dependency_names`, ...)
+        # holds every sublayer too, under names the user never wrote
+        for attr, value in sorted(attrs.items(), key=lambda item: item[0].startswith("_")):
+            if attr in _INTERNAL or attr.startswith("_self_"):
                 continue
             if isinstance(value, dict):
                 items = [(f"{attr}.{k}", v) for k, v in value.items()]
