@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AttnHookError
-from .grid import Grid, infer_grid
+from .grid import Grid, Views, infer_grid
 from .maps import attention_maps
 from .record import find_attention, record
 from .trace import Trace
@@ -221,13 +221,14 @@ def _own(model, image, rgb, generate, sites, layers, layout) -> Captioned:
                            "generate=lambda image: ... returning the caption (a string or a list of words).")
     fitted = _demo_fit(rgb) if bundled else None
     with record(model, sites=sites or "cross", layers=layers) as trace:
-        text = model.caption(fitted[None])[0] if bundled else generate(image)
+        text = model.caption(fitted[None])[0] if fitted is not None else generate(image)
     words = text.split() if isinstance(text, str) else [str(w) for w in text]
     text = text if isinstance(text, str) else " ".join(words)
     site = _image_sites(trace)[0]
     if layout is None:
         keys = trace.weights(site).shape[-1]
-        layout = model.grid(fitted.shape[:2]) if bundled else infer_grid(keys, image_size=rgb.shape[:2], model=model)
+        layout = (model.grid(fitted.shape[:2]) if fitted is not None
+                  else infer_grid(keys, image_size=rgb.shape[:2], model=model))
     return _result(rgb, words, trace, layout, text)
 
 
@@ -332,7 +333,7 @@ def _language_model_sites(model) -> str:
     return names[0] + ".*"
 
 
-def _hf_layout(trace, site, model, processor, inputs, rgb) -> Grid:
+def _hf_layout(trace, site, model, processor, inputs, rgb) -> Grid | Views:
     meta = trace.meta
     if site.kind == "cross":
         return infer_grid(trace.weights(site).shape[-1], image_size=rgb.shape[:2], model=model, processor=processor,
