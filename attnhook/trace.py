@@ -315,7 +315,7 @@ class Trace:
         """Declare a site (its kind resolved); rows for it can then be added."""
         self._sites[site.name] = site
 
-    def add_rows(self, site: Site | str, start: int, rows: torch.Tensor, call: int = 0, ready=None) -> None:
+    def add_rows(self, site: Site | str, start: int, rows: torch.Tensor, call: int = 0, ready: torch.cuda.Event | None = None) -> None:
         """Append rows `(batch, heads, n, keys)` for query positions `start .. start + n - 1` of the current
         sequence (`call`: which call of the step, for a site called several times per step; `ready`: a CUDA
         event recorded after a non-blocking copy into `rows`, waited for before the rows are read)."""
