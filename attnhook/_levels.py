@@ -51,6 +51,7 @@ def _levels(maps: np.ndarray, grid, image_hw, out_hw, sigma: float, normalize, n
     if normalize not in NORMALIZERS:
         raise RenderError(f"normalize must be 'mass', 'max', 'global', 'minmax' or None, got {normalize!r}.")
     raw = maps.reshape(len(maps), -1)
+    scale: dict[str, Any]
     if normalize in ("mass", "max", "global") and (raw.min(axis=1) < 0).any():
         raise RenderError(f"normalize={normalize!r} needs maps >= 0, got a minimum of {raw.min():.4g}. "
                           "Use normalize='minmax' for signed maps.")
@@ -83,7 +84,7 @@ def _levels(maps: np.ndarray, grid, image_hw, out_hw, sigma: float, normalize, n
                  for k in range(0, int(math.log2(base)) + 1, step)]
         if ticks[-1][0] < 0.97:
             ticks.append((1.0, f"{cells}x"))
-        scale: dict[str, Any] = dict(rule="mass", label=f"attention per cell (x uniform 1/{cells})", ticks=ticks)
+        scale = dict(rule="mass", label=f"attention per cell (x uniform 1/{cells})", ticks=ticks)
     elif normalize in ("max", "global"):
         top = np.full_like(high, high.max()) if normalize == "global" else high
         blank = top <= 0

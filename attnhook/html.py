@@ -75,8 +75,8 @@ class Viewer:
         return f"Viewer({self.title!r})"
 
 
-def viewer(image: ImageLike, words: Sequence[str], maps: ArrayLike, *, grid: Grid | None = None, sigma: float = SIGMA,
-           cmap: Cmap = CMAP, alpha: float = ALPHA, normalize: str = "mass",
+def viewer(image: ImageLike, words: Sequence[str], maps: ArrayLike, *, grid: Grid | Regions | None = None,
+           sigma: float = SIGMA, cmap: Cmap = CMAP, alpha: float = ALPHA, normalize: str = "mass",
            head_labels: Sequence[object] | None = None, layer_labels: Sequence[object] | None = None,
            title: str | None = None, display_size: int | None = None, image_format: str = "png") -> Viewer:
     """An interactive viewer of one caption's maps; a notebook displays it inline.

@@ -6,6 +6,7 @@ keys)`, maps `(batch, steps, rows, cols)` on the grid, `(..., height, width)` in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -24,7 +25,7 @@ from .trace import Site, Trace, select
 SIGMA = 0.5
 
 
-def attention_maps(trace: Trace, grid: Grid, *, site: SiteSelector | None = None, sequence: int = 0,
+def attention_maps(trace: Trace, grid: Grid | Regions | Views, *, site: SiteSelector | None = None, sequence: int = 0,
                    heads: Reduction = "mean", layers: LayerSelector = "mean", calls: Reduction = "mean",
                    queries: SiteSelector | None = None, query_sequence: int = 0, image_size: SizeLike | None = None,
                    per_view: bool = False) -> np.ndarray:
@@ -270,7 +271,7 @@ def paint_regions(weights: ArrayLike, regions: Regions, image_size: SizeLike, *,
     if overlap not in ("max", "sum"):
         raise RenderError(f"overlap must be 'max' or 'sum', got {overlap!r}.")
     height, width = _size_of(image_size)
-    boxes: list | tuple = regions.boxes
+    boxes: Sequence[Sequence[float]] = regions.boxes
     if source_size is not None:
         sh, sw = _size_of(source_size)
         boxes = [(x0 * width / sw, y0 * height / sh, x1 * width / sw, y1 * height / sh) for x0, y0, x1, y1 in boxes]

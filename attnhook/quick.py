@@ -17,16 +17,23 @@ done by hand with those functions; it adds no capability of its own, only the ch
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import AttnHookError
-from .grid import Grid, infer_grid
+from .grid import Grid, Views, infer_grid
 from .maps import attention_maps
 from .record import find_attention, record
 from .trace import Trace
+from ._types import ImageLike, LayerSelector, PathLike, SiteSelector
+
+if TYPE_CHECKING:
+    import PIL.Image
+    from matplotlib.figure import Figure
 
 #: the question asked of a decoder-only model when `prompt=` is not given
 DEFAULT_PROMPT = "Describe the image."
@@ -75,7 +82,7 @@ class Captioned:
         return (f"Captioned(words={self.words!r}, maps {tuple(self.maps.shape)}, layout {self.layout.describe()}, "
                 f"{len(self.trace.sites)} site(s))")
 
-    def plot(self, **options):
+    def plot(self, **options: Any) -> Figure:
         """One panel per word over the image (`plot_words`); returns the matplotlib `Figure`.
 
         Example:
@@ -89,7 +96,7 @@ class Captioned:
 
         return plot_words(self.image, self.words, self.maps, grid=self.layout, **options)
 
-    def overlay(self, word: str | int, **options):
+    def overlay(self, word: str | int, **options: Any) -> PIL.Image.Image:
         """One word's map over the image (`attnhook.overlay`), a PIL image of the image's size.
 
         Args:
@@ -108,7 +115,7 @@ class Captioned:
 
         return overlay(self.image, self.maps[self._index(word)], grid=self.layout, **options)
 
-    def save_html(self, path, **options) -> Path:
+    def save_html(self, path: PathLike, **options: Any) -> Path:
         """A standalone HTML viewer of every word, with each recorded layer and head to switch to.
 
         Example:
@@ -125,7 +132,7 @@ class Captioned:
         options.setdefault("layer_labels", self._sites())
         return save_html(path, self.image, self.words, every, grid=self.layout, **options)
 
-    def save(self, path) -> Path:
+    def save(self, path: PathLike) -> Path:
         """The trace as a safetensors file, with the words, image size and layout in its metadata, so that
         `attnhook render` (or `ah.load()` and the renderers) draws it again without the model.
 
@@ -157,8 +164,9 @@ class Captioned:
         return self.sites or _image_sites(self.trace)
 
 
-def caption(model, image, *, processor=None, tokenizer=None, prompt: str | None = None, generate=None,
-            sites=None, layers=None, layout: Grid | None = None, max_new_tokens: int = 20, beams: int = 1,
+def caption(model: Any, image: ImageLike | PathLike, *, processor: Any = None, tokenizer: Any = None,
+            prompt: str | None = None, generate: Callable[[Any], str | Sequence[str]] | None = None,
+            sites: SiteSelector | None = None, layers: LayerSelector | None = None, layout: Grid | None = None, max_new_tokens: int = 20, beams: int = 1,
             generate_kwargs: dict | None = None) -> Captioned:
     """Caption one image, record the attention that looks at it, and lay its keys on the image.
 
@@ -221,13 +229,14 @@ def _own(model, image, rgb, generate, sites, layers, layout) -> Captioned:
                            "generate=lambda image: ... returning the caption (a string or a list of words).")
     fitted = _demo_fit(rgb) if bundled else None
     with record(model, sites=sites or "cross", layers=layers) as trace:
-        text = model.caption(fitted[None])[0] if bundled else generate(image)
+        text = model.caption(fitted[None])[0] if fitted is not None else generate(image)
     words = text.split() if isinstance(text, str) else [str(w) for w in text]
     text = text if isinstance(text, str) else " ".join(words)
     site = _image_sites(trace)[0]
     if layout is None:
         keys = trace.weights(site).shape[-1]
-        layout = model.grid(fitted.shape[:2]) if bundled else infer_grid(keys, image_size=rgb.shape[:2], model=model)
+        layout = (model.grid(fitted.shape[:2]) if fitted is not None
+                  else infer_grid(keys, image_size=rgb.shape[:2], model=model))
     return _result(rgb, words, trace, layout, text)
 
 
@@ -332,7 +341,7 @@ def _language_model_sites(model) -> str:
     return names[0] + ".*"
 
 
-def _hf_layout(trace, site, model, processor, inputs, rgb) -> Grid:
+def _hf_layout(trace, site, model, processor, inputs, rgb) -> Grid | Views:
     meta = trace.meta
     if site.kind == "cross":
         return infer_grid(trace.weights(site).shape[-1], image_size=rgb.shape[:2], model=model, processor=processor,

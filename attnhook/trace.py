@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -316,7 +315,8 @@ class Trace:
         """Declare a site (its kind resolved); rows for it can then be added."""
         self._sites[site.name] = site
 
-    def add_rows(self, site: Site | str, start: int, rows: torch.Tensor, call: int = 0, ready: Any = None) -> None:
+    def add_rows(self, site: Site | str, start: int, rows: torch.Tensor, call: int = 0,
+                 ready: torch.cuda.Event | None = None) -> None:
         """Append rows `(batch, heads, n, keys)` for query positions `start .. start + n - 1` of the current
         sequence (`call`: which call of the step, for a site called several times per step; `ready`: a CUDA
         event recorded after a non-blocking copy into `rows`, waited for before the rows are read)."""

@@ -20,6 +20,8 @@ import functools
 import inspect
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -29,8 +31,9 @@ from ..errors import AttnHookWarning, RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
 
 # bound by register_builtins(), once keras is imported (importing this module alone, as doctest collection does,
-# neither imports keras nor needs it)
-keras = ops = None
+# neither imports keras nor needs it); Keras ships no type information, hence Any
+keras: Any = None
+ops: Any = None
 
 # Keras-internal attributes that hold layers twice (every tracked sublayer, a functional model's graph)
 _INTERNAL = frozenset({"_layers", "_operations", "_modules", "_tracker", "_inbound_nodes", "_outbound_nodes"})
@@ -183,7 +186,7 @@ def _bind(call: Call) -> dict:
     query's Keras mask is still on it)."""
     arguments = call.state.get("arguments")
     if arguments is None:
-        cls = type(call.module)
+        cls: type[Any] = type(call.module)  # a Keras layer (untyped), not the torch.nn.Module Call names
         sig = _SIGNATURES.get(cls) or _SIGNATURES.setdefault(cls, inspect.signature(cls.call))
         try:
             bound = sig.bind(call.module, *call.args, **call.kwargs)
@@ -223,8 +226,9 @@ def _lengths(call: Call) -> tuple[int, int, int] | None:
     return int(query.shape[0]), int(query.shape[1]), int(key.shape[1])
 
 
-def _checked(call: Call, base: type) -> dict:
-    layer, a = call.module, _bind(call)
+def _checked(call: Call, base: type[Any]) -> dict:
+    layer: Any = call.module  # a Keras layer
+    a = _bind(call)
     if type(layer)._compute_attention is not base._compute_attention:
         raise SpecError(
             f"{type(layer).__name__} overrides {base.__name__}._compute_attention, so the probabilities "
@@ -252,7 +256,7 @@ def _mha_rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     """Probabilities `(batch, heads, hi - lo, keys)` of query rows `lo:hi`, as `MultiHeadAttention` computes
     them on its explicit path (Keras 3.15 `_compute_attention`): scaled `einsum` of the projected keys and
     queries, the layer's mask, the layer's `_masked_softmax`; before dropout."""
-    layer = call.module
+    layer: Any = call.module  # a Keras layer
     a = _checked(call, keras.layers.MultiHeadAttention)
     q = layer._query_dense(a["query"][:, lo:hi])
     k = layer._key_dense(a["key"])
@@ -264,7 +268,7 @@ def _mha_rows(call: Call, lo: int, hi: int) -> torch.Tensor:
 
 def _gqa_rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     """As `_mha_rows`, for `GroupQueryAttention`: keys repeated to the query heads (Keras 3.15)."""
-    layer = call.module
+    layer: Any = call.module  # a Keras layer
     a = _checked(call, keras.layers.GroupQueryAttention)
     q = layer._query_dense(a["query"][:, lo:hi])
     k = ops.repeat(layer._key_dense(a["key"]), layer.num_repeats, axis=2)
@@ -278,14 +282,16 @@ def _heads(layer) -> int:
 
 
 def _shape(call: Call) -> tuple[int, int, int, int]:
-    layer = call.module
+    layer: Any = call.module  # a Keras layer
     gqa = isinstance(layer, keras.layers.GroupQueryAttention)
     _checked(call, keras.layers.GroupQueryAttention if gqa else keras.layers.MultiHeadAttention)
-    batch, queries, keys = _lengths(call)
+    lengths = _lengths(call)
+    assert lengths is not None, "_checked refused a query that is not (batch, queries, features)"
+    batch, queries, keys = lengths
     return batch, _heads(layer), queries, keys
 
 
-def _prepare(session) -> callable:
+def _prepare(session) -> Callable[[], None]:
     """On JAX and TensorFlow, a function compiled before the block runs its compiled code and never calls the
     layers' Python: say so at the end of a block that saw no call, rather than hand back an empty trace."""
     if keras.backend.backend() not in ("jax", "tensorflow"):
@@ -304,7 +310,7 @@ def _prepare(session) -> callable:
 
 
 def _spec(name: str, cls: type, rows) -> AttentionSpec:
-    return AttentionSpec(name=name, match=cls, read=lambda call: rows(call, 0, _lengths(call)[1]), rows=rows,
+    return AttentionSpec(name=name, match=cls, read=lambda call: rows(call, 0, _shape(call)[2]), rows=rows,
                          shape=_shape, kind=_kind, heads=_heads, lengths=_lengths,
                          query=lambda call: _bind(call)["query"], memory=lambda call: to_torch(_bind(call)["value"]),
                          prepare=_prepare)

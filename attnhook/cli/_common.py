@@ -63,11 +63,11 @@ def image_header(path: str, decode: bool = True) -> tuple[int, int]:
             with Image.open(path) as im:
                 size = (im.height, im.width)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        size = tuple(int(x) for x in re.findall(r"\d+", str(e))[:1]) or ("?",)
+        pixels = tuple(int(x) for x in re.findall(r"\d+", str(e))[:1]) or ("?",)
         if decode:
-            raise Failure(f"{path!r} is an image of {size[0]} pixels, more than the {limit} Pillow decodes "
+            raise Failure(f"{path!r} is an image of {pixels[0]} pixels, more than the {limit} Pillow decodes "
                           "safely (its decompression bomb guard). Shrink it first.") from None
-        raise Failure(f"{path!r} claims {size[0]} pixels, beyond Pillow's decompression bomb guard; it cannot be "
+        raise Failure(f"{path!r} claims {pixels[0]} pixels, beyond Pillow's decompression bomb guard; it cannot be "
                       "opened safely.") from None
     except (OSError, ValueError, SyntaxError) as e:
         reason = "no such file" if isinstance(e, FileNotFoundError) else (str(e) or type(e).__name__)

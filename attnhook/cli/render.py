@@ -33,7 +33,7 @@ def run(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..grid import Grid, infer_grid
+    from ..grid import Grid, Views, infer_grid
     from ..tracefile import load
 
     how = heads(args.heads)
@@ -55,7 +55,7 @@ def run(args) -> int:
                                                            Image.Resampling.BILINEAR))
         if args.grid:
             rows, cols = pair(args.grid, "--grid")
-            grid = Grid(rows, cols, prefix=args.prefix or 0, rule="given: --grid")
+            grid: Grid | Views = Grid(rows, cols, prefix=args.prefix or 0, rule="given: --grid")
         elif isinstance(trace.meta.get("grid"), Grid):
             grid = trace.meta["grid"]
         else:

@@ -19,7 +19,7 @@ import torch
 from ..errors import AmbiguousGrid
 from ..errors import GridError
 from ._args import MAX_SIDE, _fmt, _num
-from .layout import Grid
+from .layout import Grid, Views
 
 USUAL_PREFIXES = (0, 1, 2, 5)
 """Prefix counts tried when nothing says how many keys precede the grid: none (SigLIP, conv nets), CLS (ViT, CLIP,
@@ -116,7 +116,7 @@ def _aspect_pairs(n: int, size):
 
 @dataclass
 class _Cand:
-    grid: Grid
+    grid: Grid | Views
     cell: tuple[Fraction, Fraction] | None = None  # model-input pixels per cell, when known
     valid: tuple[int, int] | None = None  # cells the image occupies (padded batches)
     supported: bool = True  # evidence backs every part (see the module docstring)

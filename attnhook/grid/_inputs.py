@@ -149,14 +149,14 @@ def _from_inputs(n, inputs, f: _Facts | None, prefix, size, processor=None) -> _
     thw = _grids_thw(get(name), name, _merges(get, f)) if get(name) is not None else None
     ids = get("input_ids")
     token = f.image_token_id if f is not None else None
-    if ids is not None and token is not None:
+    if f is not None and ids is not None and token is not None:  # a token id comes from the facts
         row = _first_row(ids, "input_ids")
         runs = _runs(row, token)
         if f.model.views and thw is None and runs:  # several views of one image (anyres, split images)
             found = _views_from_inputs(n, runs, f, get, processor, prefix, size)
             if found is not None:
                 return found
-        return _inline(n, row, token, thw, cast(_Facts, f), prefix, size)  # token: f set
+        return _inline(n, row, token, thw, f, prefix, size)
     if ids is not None and thw is None:
         raise GridError("inputs hold input_ids, but without model= the image token id is unknown: pass model= "
                         "(the model or its config, which names image_token_id).")
@@ -260,6 +260,7 @@ def _inline(n, ids, token, thw, f: _Facts, prefix, size) -> _Cand:
             inner, rule = count - r * c, f"tokens: {stage.how} on {_fmt(f.input_size)} px gives {r} x {c}"
         else:
             sub = _from_search(count, size, None, None, None, None, None, None).grid
+            assert isinstance(sub, Grid), "_from_search lays out one grid"  # internal invariant
             r, c, inner, rule = sub.rows, sub.cols, sub.prefix, "tokens: " + sub.rule
         allowed = {0, stage.prefix} if stage is not None and thw is None else {0, 1}
         if inner not in allowed:

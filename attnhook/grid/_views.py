@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import cast
 
 from ..errors import GridError
 from ._args import MAX_SIDE, _fmt, _is_int, _pair_or_none, _short
@@ -100,6 +101,7 @@ def _anyres_layout(image, f: _Facts, start, end, n) -> Views:
     LlavaOnevisionModel.pack_image_features with get_anyres_image_grid_shape and unpad_image, and the image
     processor's select_best_resolution, resize to fit and centred pad (transformers 5.x)."""
     tile, side, pins, cap = _anyres_config(f)
+    patch = cast("tuple[int, int]", f.patch)  # _anyres_config refused a config without one
     t = f.tower
     strategy = _get(f.config, "vision_feature_select_strategy")
     if t.prefix + t.suffix and strategy != "default":
@@ -135,7 +137,7 @@ def _anyres_layout(image, f: _Facts, start, end, n) -> Views:
     box = tuple(round(v, 4) + 0.0 for v in ((x0 - left) * w / fw, (y0 - top) * h / fh,
                                             (x1 - left) * w / fw, (y1 - top) * h / fh))
     base = Grid(side, side, 0, 0, f"anyres base view: {_fmt(image)} px squashed to {tile} px, {side} x {side} "
-                f"patches of {f.patch[0]} px")
+                f"patches of {patch[0]} px")
     grid = Grid(rows, cols, 0, 0, f"anyres tiles: {how}, unpadded to {_fmt(kept)} cells, a newline after each row",
                 box=box, row_sep=1)
     return Views([base, grid], start, max(n - end, 0),
@@ -202,7 +204,7 @@ def _split_settings(processor, f: _Facts):
         raise GridError(f"{f.name}'s processor settings must hold do_image_splitting (True or False), "
                         "size['longest_edge'] and max_image_size['longest_edge'] (ints); got "
                         f"{_short(split)}, {_short(longest)}, {_short(tile)}. Pass the model's processor.")
-    return split, int(longest), int(tile)
+    return split, int(cast(int, longest)), int(cast(int, tile))  # both checked ints just above
 
 
 def _split_shape(image, longest, tile):

@@ -23,22 +23,22 @@ from .layout import Grid, Regions, Views
 # --------------------------------------------------------------------------------------------------------------
 @overload
 def infer_grid(keys: int | ArrayLike, image_size: SizeLike | int | None = None, model: Any = None,
-               processor: Any = None, grid: Grid | tuple[int, int] | None = None, prefix: int | None = None, *,
+               processor: Any = None, grid: Grid | Views | tuple[int, int] | None = None, prefix: int | None = None, *,
                stride: int | tuple[int, int] | None = None, key_mask: ArrayLike | None = None,
-               inputs: Mapping[str, Any] | None = None, boxes: None = None) -> Grid: ...
+               inputs: Mapping[str, Any] | None = None, boxes: None = None) -> Grid | Views: ...
 
 
 @overload
 def infer_grid(keys: int | ArrayLike, image_size: SizeLike | int | None = None, model: Any = None,
-               processor: Any = None, grid: Grid | tuple[int, int] | None = None, prefix: int | None = None, *,
+               processor: Any = None, grid: Grid | Views | tuple[int, int] | None = None, prefix: int | None = None, *,
                stride: int | tuple[int, int] | None = None, key_mask: ArrayLike | None = None,
                inputs: Mapping[str, Any] | None = None, boxes: ArrayLike) -> Regions: ...
 
 
 def infer_grid(keys: int | ArrayLike, image_size: SizeLike | int | None = None, model: Any = None,
-               processor: Any = None, grid: Grid | tuple[int, int] | None = None, prefix: int | None = None, *,
+               processor: Any = None, grid: Grid | Views | tuple[int, int] | None = None, prefix: int | None = None, *,
                stride: int | tuple[int, int] | None = None, key_mask: ArrayLike | None = None,
-               inputs: Mapping[str, Any] | None = None, boxes: ArrayLike | None = None) -> Grid | Regions:
+               inputs: Mapping[str, Any] | None = None, boxes: ArrayLike | None = None) -> Grid | Regions | Views:
     """Work out how attention keys lie on the image: prefix tokens, a rows x cols grid, suffix tokens.
 
     Evidence, strongest first: `grid=`; `inputs=` (the processor's output: image token positions in
@@ -131,6 +131,7 @@ def infer_grid(keys: int | ArrayLike, image_size: SizeLike | int | None = None, 
 def _placed(found: _Cand, size, pre, in_size) -> Grid:
     """Set `box`: the grid's extent in model-input pixels, mapped back to the original image."""
     g = found.grid
+    assert isinstance(g, Grid), "a Views candidate is returned before placing"  # internal invariant
     if g.box is not None or size is None or not found.placed:
         return g
     frame_size = in_size or size
@@ -270,6 +271,7 @@ def _from_config(n, f: _Facts, prefix, size, in_size, pre, cell) -> _Cand | None
     unique: dict[tuple, _Cand] = {}
     for cand in exact or fallback:
         g = cand.grid
+        assert isinstance(g, Grid), "config candidates are single grids"  # internal invariant
         unique.setdefault((g.prefix, g.rows, g.cols, g.suffix, g.row_sep), cand)
     if unique:
         return _pick(list(unique.values()), n, f"{f.name}'s config", "Pass grid=(rows, cols) and prefix= to choose.")

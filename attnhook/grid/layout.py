@@ -5,6 +5,7 @@ placed on the image: a base view and tiles, split images). Each has `to_json()` 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -267,7 +268,7 @@ class Regions:
         tensor([0.2000, 0.3000])
     """
 
-    boxes: tuple
+    boxes: Sequence[Sequence[float]]  # also a tensor or array (N, 4); a tuple of 4-tuples of floats once built
     prefix: int = 0
     suffix: int = 0
     rule: str = "given"
@@ -377,7 +378,7 @@ class Views:
         (10, [1, 5])
     """
 
-    views: tuple
+    views: Sequence[Grid]  # a tuple once built
     prefix: int = 0
     suffix: int = 0
     rule: str = "given"
