@@ -150,17 +150,8 @@ def regions(v, field, limits: Limits, image_size):
     from .errors import AttnHookError
     from .grid import Regions
 
-    r = v["__regions__"]
     field = f"{field}.__regions__"
-    _need(isinstance(r, dict), field, f"must be an object of Regions fields, got {_kind(r)}")
-    known = {f.name for f in fields(Regions)}
-    unknown = sorted(set(r) - known)
-    _need(not unknown, field, f"has unknown fields {unknown[:5]}; Regions have {sorted(known)}")
-    _need("boxes" in r, field, "needs 'boxes'")
-    for name in ("prefix", "suffix"):
-        if name in r:
-            _need(_is_int(r[name]) and 0 <= r[name] <= limits.max_keys, f"{field}.{name}",
-                  f"must be an integer in [0, {limits.max_keys}] (the most keys of any row), got {_show(r[name])}")
+    r = _layout_fields(v["__regions__"], field, Regions, "boxes", limits)
     for name in ("rule", "prefix_kind", "suffix_kind"):
         if name in r:
             _text(r[name], f"{field}.{name}", MAX_WORD)
@@ -184,17 +175,8 @@ def views(v, field, limits: Limits, image_size):
     from .errors import AttnHookError
     from .grid import Views
 
-    d = v["__views__"]
     field = f"{field}.__views__"
-    _need(isinstance(d, dict), field, f"must be an object of Views fields, got {_kind(d)}")
-    known = {f.name for f in fields(Views)}
-    unknown = sorted(set(d) - known)
-    _need(not unknown, field, f"has unknown fields {unknown[:5]}; Views have {sorted(known)}")
-    _need("views" in d, field, "needs 'views'")
-    for name in ("prefix", "suffix"):
-        if name in d:
-            _need(_is_int(d[name]) and 0 <= d[name] <= limits.max_keys, f"{field}.{name}",
-                  f"must be an integer in [0, {limits.max_keys}] (the most keys of any row), got {_show(d[name])}")
+    d = _layout_fields(v["__views__"], field, Views, "views", limits)
     if "rule" in d:
         _text(d["rule"], f"{field}.rule", MAX_WORD)
     _need(isinstance(d["views"], list) and 1 <= len(d["views"]) <= 1024, f"{field}.views",
@@ -207,6 +189,20 @@ def views(v, field, limits: Limits, image_size):
     _need(out.keys <= limits.max_keys, field,
           f"lays out {out.keys} keys, but no row of this trace has more than {limits.max_keys}")
     return out
+
+
+def _layout_fields(d, field: str, cls: type, required: str, limits: Limits) -> dict:
+    """What a stored Regions or Views object shares: known fields, `required` present, counts within the keys."""
+    _need(isinstance(d, dict), field, f"must be an object of {cls.__name__} fields, got {_kind(d)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    _need(not unknown, field, f"has unknown fields {unknown[:5]}; {cls.__name__} have {sorted(known)}")
+    _need(required in d, field, f"needs {required!r}")
+    for name in ("prefix", "suffix"):
+        if name in d:
+            _need(_is_int(d[name]) and 0 <= d[name] <= limits.max_keys, f"{field}.{name}",
+                  f"must be an integer in [0, {limits.max_keys}] (the most keys of any row), got {_show(d[name])}")
+    return d
 
 
 def _box(box, field, reach) -> None:

@@ -348,14 +348,7 @@ class Regions:
         """`Regions` from `to_json()` output (untrusted JSON): a list of at most 65536 boxes of four finite numbers,
         counts from 0 to 2**40, strings of at most 4096 characters; unknown or missing fields refused with a
         `GridError`."""
-        if not isinstance(data, dict) or "boxes" not in data:
-            raise GridError(f"Saved regions must be a JSON object with 'boxes', got {type(data).__name__}.")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in names)
-        if unknown:
-            raise GridError(f"Saved regions have unknown fields {_short(unknown)}; expected some of {sorted(names)}.")
-        _check_texts(data, "Saved regions'")
-        _check_counts(data, ("prefix", "suffix"), "Saved regions'")
+        _check_saved(data, cls, "boxes", "regions")
         boxes = data["boxes"]
         if not isinstance(boxes, list) or len(boxes) > 1 << 16 or not all(
                 isinstance(b, list) and len(b) == 4 and all(_is_real(v) for v in b) for b in boxes):
@@ -435,18 +428,24 @@ class Views:
     def from_json(cls, data) -> Views:
         """`Views` from `to_json()` output (untrusted JSON): at most 1024 views, each checked by `Grid.from_json`;
         counts from 0 to 2**40; unknown or missing fields refused with a `GridError`."""
-        if not isinstance(data, dict) or "views" not in data:
-            raise GridError(f"Saved views must be a JSON object with 'views', got {type(data).__name__}.")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in names)
-        if unknown:
-            raise GridError(f"Saved views have unknown fields {_short(unknown)}; expected some of {sorted(names)}.")
-        _check_texts(data, "Saved views'")
-        _check_counts(data, ("prefix", "suffix"), "Saved views'")
+        _check_saved(data, cls, "views", "views")
         views = data["views"]
         if not isinstance(views, list) or not 1 <= len(views) <= 1024:
             raise GridError(f"Saved views' views must be a list of 1 to 1024 saved grids, got {_short(views)}.")
         return cls(**dict(data, views=[Grid.from_json(v) for v in views]))
+
+
+def _check_saved(data, cls: type, required: str, what: str) -> None:
+    """The fields every saved layout shares: a JSON object with `required`, no unknown fields, bounded texts and
+    counts."""
+    if not isinstance(data, dict) or required not in data:
+        raise GridError(f"Saved {what} must be a JSON object with {required!r}, got {type(data).__name__}.")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        raise GridError(f"Saved {what} have unknown fields {_short(unknown)}; expected some of {sorted(names)}.")
+    _check_texts(data, f"Saved {what}'")
+    _check_counts(data, ("prefix", "suffix"), f"Saved {what}'")
 
 
 def _check_texts(data: dict, what: str) -> None:
