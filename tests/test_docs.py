@@ -52,7 +52,9 @@ def requirements(page: Path) -> list[str]:
     return [name for m in REQUIRES.finditer(page.read_text()) for name in re.split(r"[,\s]+", m["names"]) if name]
 
 
-RUN = [p for p in PAGES if python_blocks(p)]
+# pages whose blocks need a backend chosen before an import: their own runner runs them once per backend
+OWN_RUNNER = {"keras.md": "tests/keras/test_keras_docs.py (through tests/test_keras.py, once per Keras backend)"}
+RUN = [p for p in PAGES if python_blocks(p) and p.name not in OWN_RUNNER]
 
 
 @pytest.mark.parametrize("page", RUN, ids=[p.name for p in RUN])
