@@ -23,6 +23,7 @@ from .errors import AttnHookError
 #: Output folders committed in this process, latest last (a signal that arrives just after a commit must not
 #: be reported as "nothing was written").
 COMMITTED: list[Path] = []
+INTERRUPTED: list[int] = []  # signals the command line received while it ran (set by its handler)
 
 
 class OutputError(AttnHookError):
@@ -94,6 +95,8 @@ class Output:
         return self.tmp / name
 
     def commit(self) -> None:
+        if INTERRUPTED:  # a Ctrl-C that a library swallowed (a bare except during an import): nothing is written
+            raise KeyboardInterrupt
         with signals_held():
             try:
                 self._move()

@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"{name}: error: {message}")
             return 1
         except KeyboardInterrupt as e:
-            signum = e.signum if isinstance(e, _Signalled) else 2
+            from .._output import INTERRUPTED
+
+            signum = e.signum if isinstance(e, _Signalled) else (INTERRUPTED[-1] if INTERRUPTED else 2)
             import signal
 
             from .._output import COMMITTED
@@ -111,8 +113,18 @@ def _signals_as_interrupts():
             return
         old = {}
 
+        from .._output import INTERRUPTED
+
         def raise_(signum, frame):
+            INTERRUPTED.append(signum)
             raise _Signalled(signum)
+
+        def interrupt(signum, frame):
+            INTERRUPTED.append(signum)  # remembered, in case a library's bare except swallows the interrupt
+            raise KeyboardInterrupt
+
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            old[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
 
         for n in ("SIGTERM", "SIGHUP"):
             num = getattr(signal, n, None)
