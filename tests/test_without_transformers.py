@@ -61,6 +61,15 @@ def test_a_model_directory_without_transformers_is_one_line_that_names_the_extra
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unknown_name_without_transformers_says_unknown_and_names_the_extra(tmp_path):
+    path, _ = scene_png(tmp_path)
+    code, out, err = run_without_transformers("caption", path, "--model", "nonsense", "--out", tmp_path / "out")
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Unknown model 'nonsense'" in err and "transformer" in err and "attnhook[transformers]" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_explain_with_a_model_config_without_transformers_is_one_line(tmp_path):
     code, out, err = run_without_transformers("explain", "1,8,12,197", "--model", tmp_path)
     assert code != 0

@@ -118,8 +118,14 @@ def _load_hf(name: str):
     """Model, processor and tokenizer from a local directory or a cached Hub name. Weights are read from
     safetensors only (never a Python object serialization); a file that cannot be read, or lacks weights the
     config needs, is refused."""
-    transformers = _transformers("A transformers model")
     local = Path(name).is_dir()
+    if local:
+        transformers = _transformers(f"{name!r} is a directory: a transformers model")
+    else:
+        from .. import demo
+
+        transformers = _transformers(f"Unknown model {name!r}: not a bundled model ({', '.join(demo.NAMES)}), "
+                                     "not a directory; a Hub name")
     try:
         config = transformers.AutoConfig.from_pretrained(name, local_files_only=True)
     except Exception as e:  # noqa: BLE001 -- OSError, ValueError, JSON errors: all mean "no readable config"
