@@ -1,7 +1,7 @@
 """Keras 3 captioners on each installed backend: tests/keras/ once per backend, each in its own process (Keras
 fixes its backend when it is first imported). A backend whose package is not installed is skipped, saying so."""
 
-import importlib.util
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -10,13 +10,25 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-# backend -> the package it needs besides keras
-BACKENDS = {"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}
+# backend -> the distributions it needs besides keras (tensorflow: either build)
+BACKENDS = {"torch": ("torch",), "jax": ("jax",), "tensorflow": ("tensorflow", "tensorflow-cpu")}
+
+
+def _installed(*names: str) -> bool:
+    # by installed distribution, not importlib.util.find_spec: with tests/ on sys.path, tests/keras/ is found as
+    # a namespace package named keras where Keras is not installed
+    for name in names:
+        try:
+            importlib.metadata.distribution(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_keras_backend(backend):
-    missing = [p for p in ("keras", BACKENDS[backend]) if importlib.util.find_spec(p) is None]
+    missing = [p[0] for p in (("keras",), BACKENDS[backend]) if not _installed(*p)]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed: pip install -e '.[keras]' (tensorflow-cpu for the "
                     "TensorFlow backend, see docs/keras.md)")
