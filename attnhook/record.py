@@ -395,8 +395,7 @@ class record:
             ready.record()
             self.trace.add_rows(name, placement.first, kept, call=placement.call, ready=ready)
             return
-        kept = torch.empty(rows.shape, dtype=dtype, device=self.device)
-        kept.copy_(rows.detach())
+        kept = rows.detach().to(self.device, dtype, copy=True, memory_format=torch.contiguous_format)
         self.trace.add_rows(name, placement.first, kept, call=placement.call)
 
     def _say(self) -> None:

@@ -159,8 +159,12 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling=N
     raise AssertionError("the file's eager_attention_forward is not the fallback this module passes")
 
 
+SHARP_WIDTHS: list[int] = []
+
+
 def sharp_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A fallback with its own math: three times sharper than sdpa."""
+    SHARP_WIDTHS.append(value.shape[-1])
     weights = (3 * scaling * query @ key.transpose(2, 3)).softmax(-1)
     return (weights @ value).transpose(1, 2), weights
 
@@ -197,12 +201,77 @@ def test_weights_follow_the_fallback_the_module_passes(style):
     module = RemoteAttention(config, style)
     x = torch.randn(2, 5, 32)
     ref = module(x)
+    SHARP_WIDTHS.clear()
     with ah.record(module) as trace:
         out = module(x)
     assert torch.equal(out[0], ref[0]) and out[1] is None  # sdpa ran, as without attnhook
     q, k, _ = module.qkv(x).view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)
     expected = (3 * 8 ** -0.5 * q @ k.transpose(2, 3)).softmax(-1)
     torch.testing.assert_close(trace.weights(trace.sites[0]), expected.transpose(1, 2), atol=1e-6, rtol=0)
+    # the side call multiplies no values (only the weights are needed); the function's first call in the process
+    # also runs with them, to compare
+    assert SHARP_WIDTHS in ([0], [0, 8])
+
+
+WIDTHS: list[int] = []
+
+
+def raising_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A fallback that scales by its values' width: values of no width raise (0 ** -0.5)."""
+    WIDTHS.append(value.shape[-1])
+    weights = (value.shape[-1] ** -0.5 * query @ key.transpose(2, 3)).softmax(-1)
+    return (weights @ value).transpose(1, 2), weights
+
+
+def quiet_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A fallback whose weights change with its values' width, without failing."""
+    WIDTHS.append(value.shape[-1])
+    weights = ((value.shape[-1] or 1) ** -0.5 * query @ key.transpose(2, 3)).softmax(-1)
+    return (weights @ value).transpose(1, 2), weights
+
+
+class RaisingAttention(RemoteAttention):
+    def forward(self, hidden_states):
+        b, n, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        attention_interface = raising_eager
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, weights = attention_interface(self, q, k, v, None, scaling=self.scaling)
+        return out.reshape(b, n, 32), weights
+
+
+class QuietAttention(RemoteAttention):
+    def forward(self, hidden_states):
+        b, n, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        attention_interface = quiet_eager
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, weights = attention_interface(self, q, k, v, None, scaling=self.scaling)
+        return out.reshape(b, n, 32), weights
+
+
+RaisingAttention.__module__ = QuietAttention.__module__ = "transformers_modules.remote.modeling_remote"
+
+
+@pytest.mark.parametrize("cls,first", [(RaisingAttention, [0, 8]), (QuietAttention, [0, 8])])
+def test_a_fallback_whose_weights_need_the_values_gets_the_real_values(cls, first):
+    torch.manual_seed(0)
+    config = transformers.PretrainedConfig()
+    config._attn_implementation = "sdpa"
+    module = cls(config, "getitem")
+    x = torch.randn(2, 5, 32)
+    ref = module(x)
+    q, k, _ = module.qkv(x).view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    expected = (8 ** -0.5 * q @ k.transpose(2, 3)).softmax(-1).transpose(1, 2)
+    WIDTHS.clear()
+    for _ in range(2):
+        with ah.record(module) as trace:
+            out = module(x)
+        assert torch.equal(out[0], ref[0])
+        torch.testing.assert_close(trace.weights(trace.sites[0]), expected, atol=1e-6, rtol=0)
+    assert WIDTHS == first + [8]  # tried without values once, compared with them, then always with them
 
 
 def test_an_sdpa_only_class_is_refused_before_the_model_runs():

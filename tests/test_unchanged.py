@@ -69,14 +69,14 @@ def test_only_the_kept_rows_are_computed(monkeypatch):
     (and one held row to compare, from the second step on)."""
     model, x, steps = TemplateCaptioner(), images(1, (32, 32), seed=3), 4
     computed = []
-    from attnhook.adapters import torch as adapter
-    real = adapter._scores
+    from attnhook.adapters import _torch_sdpa
+    real = _torch_sdpa.rows
 
-    def counting(m, q, *args):  # observes the query rows the weights are computed for, then computes them
-        computed.append(q.shape[0])
-        return real(m, q, *args)
+    def counting(seen, lo, hi):  # observes the query rows the weights are computed for, then computes them
+        computed.append(hi - lo)
+        return real(seen, lo, hi)
 
-    monkeypatch.setattr(adapter, "_scores", counting)
+    monkeypatch.setattr(_torch_sdpa, "rows", counting)
     with ah.record(model, sites="decoder.layers.1.multihead_attn") as trace:
         model.caption(x, steps)
     assert trace.weights(trace.sites[0]).shape[1] == steps
@@ -171,3 +171,114 @@ def test_recording_works_under_inference_mode():
     assert trace.sequences == 1
     for site in trace.sites:
         assert trace.weights(site).shape[:2] == (2, 3)
+
+
+# --- rows from the tensors the module hands its own kernel (adapters/_torch_sdpa.py) ----------------------------
+def _counting(monkeypatch):
+    from attnhook.adapters import _torch_sdpa
+    from attnhook.adapters import torch as adapter
+
+    counts = {"kernel": 0, "projected": 0}
+    kernel, projected = _torch_sdpa.rows, adapter._scores
+
+    def from_kernel(*args):
+        counts["kernel"] += 1
+        return kernel(*args)
+
+    def from_projection(*args):
+        counts["projected"] += 1
+        return projected(*args)
+
+    monkeypatch.setattr(_torch_sdpa, "rows", from_kernel)
+    monkeypatch.setattr(adapter, "_scores", from_projection)
+    return counts
+
+
+FORMS = ["cross", "self causal", "padding", "bias_k zero_attn", "unbatched", "sequence first", "per-head mask"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rows_come_from_the_kernels_own_inputs_and_equal_the_modules_weights(form, monkeypatch):
+    torch.manual_seed(0)
+    extra = {"add_bias_kv": True, "add_zero_attn": True} if form == "bias_k zero_attn" else {}
+    mha = nn.MultiheadAttention(16, 4, batch_first=form != "sequence first", **extra).eval()
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    kwargs: dict = {}
+    if form == "self causal":
+        kv = q
+        kwargs = {"attn_mask": nn.Transformer.generate_square_subsequent_mask(5), "is_causal": True}
+    elif form == "padding":
+        kwargs = {"key_padding_mask": torch.tensor([[False] * 7, [False] * 4 + [True] * 3])}
+    elif form == "unbatched":
+        q, kv = q[0], kv[0]
+    elif form == "sequence first":
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    elif form == "per-head mask":
+        kwargs = {"attn_mask": torch.randn(2 * 4, 5, 7)}
+    counts = _counting(monkeypatch)
+    with torch.no_grad():
+        before = mha(q, kv, kv, need_weights=False, **kwargs)[0]
+        with ah.record(mha) as trace:
+            after = mha(q, kv, kv, need_weights=False, **kwargs)[0]
+        own = {k: v for k, v in kwargs.items() if k != "is_causal"}  # need_weights=True applies the mask itself
+        _, expected = mha(q, kv, kv, need_weights=True, average_attn_weights=False, **own)
+    assert torch.equal(before, after)
+    assert counts == {"kernel": 1, "projected": 0}
+    expected = expected if expected.dim() == 4 else expected[None]
+    torch.testing.assert_close(trace.weights(trace.sites[0]), expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_a_causal_hint_that_drops_the_mask_is_recorded_as_what_ran(monkeypatch):
+    """`is_causal=True` with a mask that is not causal: torch's module drops the mask and runs causal. The rows
+    are what ran, not what the mask says."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    wrong = torch.zeros(5, 5)  # attends everywhere
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        with ah.record(mha) as trace:
+            out = mha(x, x, x, attn_mask=wrong, is_causal=True, need_weights=False)[0]
+        ran, expected = mha(x, x, x, attn_mask=causal, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(out, ran, rtol=1e-5, atol=1e-6)  # the module ran causal
+    torch.testing.assert_close(trace.weights(trace.sites[0]), expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_calls_whose_kernel_is_not_seen_are_projected(monkeypatch):
+    """need_weights=True (no kernel call) and a subclass with its own forward: the projection beside the call."""
+    torch.manual_seed(0)
+
+    class Own(nn.MultiheadAttention):
+        def forward(self, query, key, value, **kwargs):
+            return super().forward(query, key, value, **kwargs)
+
+    x, memory = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
+    for mha, kwargs in [(nn.MultiheadAttention(16, 4, batch_first=True).eval(), {"need_weights": True}),
+                        (Own(16, 4, batch_first=True).eval(), {"need_weights": False})]:
+        counts = _counting(monkeypatch)
+        with torch.no_grad(), ah.record(mha) as trace:
+            mha(x, memory, memory, **kwargs)
+        assert counts == {"kernel": 0, "projected": 1}
+        with torch.no_grad():
+            _, expected = mha(x, memory, memory, need_weights=True, average_attn_weights=False)
+        torch.testing.assert_close(trace.weights(trace.sites[0]), expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_the_kernel_name_is_wrapped_only_while_recording_and_restored_after_an_exception():
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+    mha, other = (nn.MultiheadAttention(16, 4, batch_first=True).eval() for _ in range(2))
+    x = torch.randn(2, 3, 16)
+    with ah.record(mha):
+        assert F.scaled_dot_product_attention is not real
+        with ah.record(other):  # a second recording: counted
+            pass
+        assert F.scaled_dot_product_attention is not real
+        q = torch.randn(1, 2, 3, 4)
+        assert torch.equal(F.scaled_dot_product_attention(q, q, q), real(q, q, q))  # others pass through
+    assert F.scaled_dot_product_attention is real
+    with pytest.raises(ValueError), ah.record(mha):
+        mha(x, x, x)
+        raise ValueError("boom")
+    assert F.scaled_dot_product_attention is real

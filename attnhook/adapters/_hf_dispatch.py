@@ -221,12 +221,39 @@ def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
     with torch.no_grad(), _evaluating(part.module):
         if not args and isinstance(kwargs.get("scaling"), float) and _standard(part.eager):
             return _grouped(query, part.key, mask, kwargs["scaling"])
-        _, weights = part.eager(part.module, query, part.key, part.value, mask, *args, **kwargs)
+        weights = _weights_of(part, query, mask, args, kwargs)
     if not isinstance(weights, torch.Tensor):
         raise RecordingError(
             f"{type(part.module).__name__}: its eager function {getattr(part.eager, '__name__', part.eager)!r} "
             f"returned {type(weights).__name__} instead of attention weights. Leave the site out with "
             "record(model, sites=...), or describe it with an AttentionSpec.")
+    return weights
+
+
+# eager function -> whether it gives the same weights with values of no width (checked on its first call)
+_NARROW: dict[Any, bool] = {}
+
+
+def _weights_of(part: Part, query: torch.Tensor, mask, args: tuple, kwargs: dict):
+    """The weights the eager function returns for these rows. Its values are given zero wide (`(..., keys, 0)`,
+    same dtype and device), so the product with the values, which only the output needs, costs nothing. The
+    first call of each function runs both ways and compares: a function that fails on such values, or whose
+    weights change with them (a scale read off the values' width, say), gets the real values from then on."""
+    value, fn = part.value, part.eager
+    narrow = _NARROW.get(fn)
+    if narrow is not False and isinstance(value, torch.Tensor) and value.dim() == 4:
+        try:
+            _, weights = fn(part.module, query, part.key, value[..., :0], mask, *args, **kwargs)
+        except Exception:  # noqa: BLE001 -- any failure of the narrowed call: the real values decide
+            _NARROW[fn] = False
+        else:
+            if narrow:
+                return weights
+            _, real = fn(part.module, query, part.key, value, mask, *args, **kwargs)
+            _NARROW[fn] = isinstance(weights, torch.Tensor) and isinstance(real, torch.Tensor) and \
+                torch.equal(weights, real)
+            return real
+    _, weights = fn(part.module, query, part.key, value, mask, *args, **kwargs)
     return weights
 
 

@@ -19,22 +19,34 @@ import torch
 from torch import nn
 
 from ..registry import AttentionSpec, Call, _register_builtin
+from . import _torch_sdpa
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+_NAMES = tuple(list(_SIGNATURE.parameters)[1:])  # query, key, value, key_padding_mask, need_weights, ...
+_DEFAULTS = {n: p.default for n, p in _SIGNATURE.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
-def _bind(call: Call) -> inspect.BoundArguments:
-    # Callers pass need_weights by keyword or positionally; binding to the signature handles both. Bound once
-    # per call: nothing here edits the call.
-    bound = call.state.get("bound")
-    if bound is None:
-        bound = call.state["bound"] = _SIGNATURE.bind(call.module, *call.args, **call.kwargs)
-    return bound
+def _bind(call: Call) -> dict:
+    """The call's arguments by name, defaults filled in (as `inspect.Signature.bind` + `apply_defaults`
+    would give; the usual forms are bound directly, a few microseconds instead of tens). Bound once per call:
+    nothing here edits the call."""
+    arguments = call.state.get("arguments")
+    if arguments is None:
+        args, kwargs = call.args, call.kwargs
+        if len(args) <= len(_NAMES) and all(k in _DEFAULTS and k not in _NAMES[:len(args)] for k in kwargs) and \
+                all(n in kwargs or n in _DEFAULTS for n in _NAMES[len(args):]):
+            arguments = {**_DEFAULTS, **dict(zip(_NAMES, args)), **kwargs}
+        else:  # anything unusual: the signature's own binding (and its TypeError for a call that cannot bind)
+            bound = _SIGNATURE.bind(call.module, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+        call.state["arguments"] = arguments
+    return arguments
 
 
-# projected keys of the key tensors still alive: a cross-attention's image features are the same tensor at
-# every step of a run, so they are projected once (checked by identity, the tensor's version and the weight's;
-# an entry goes when its tensor is freed)
+# projected keys of the key tensors still alive, laid out for the score product, `(batch * heads, head dim,
+# keys)`: a cross-attention's image features are the same tensor at every step of a run, so they are projected
+# once (checked by identity, the tensor's version and the weight's; an entry goes when its tensor is freed)
 _KEYS: dict[tuple[int, int], tuple] = {}
 
 
@@ -46,6 +58,7 @@ _PREFIX: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictiona
 
 def _project_keys(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   axis: int) -> torch.Tensor:
+    """The keys projected and laid out `(batch * heads, head dim, keys)` (`axis`: the key axis of `key`)."""
     # weight and bias may be slices of the packed projection: their versions are the parameters'
     if key.is_inference():  # no version counter: only the prefix check, which compares values, applies
         return _extend(m, key, weight, bias, axis)
@@ -68,9 +81,23 @@ def _project_keys(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: t
     return projected
 
 
+def _laid_out(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              axis: int) -> torch.Tensor:
+    """`F.linear(key, weight, bias)` as `(batch * heads, head dim, keys)`, contiguous."""
+    k = F.linear(key, weight, bias)
+    h = cast(nn.MultiheadAttention, m).num_heads
+    if k.dim() == 2:  # unbatched (S, E)
+        k = k[:, None]
+    if axis == 1:  # batch first (N, S, E)
+        n, s, e = k.shape
+        return k.view(n, s, h, e // h).permute(0, 2, 3, 1).reshape(n * h, e // h, s)
+    s, n, e = k.shape
+    return k.view(s, n, h, e // h).permute(1, 2, 3, 0).reshape(n * h, e // h, s)
+
+
 def _extend(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             axis: int) -> torch.Tensor:
-    """`F.linear(key, weight, bias)`, reusing the rows of the module's previous keys that came back unchanged."""
+    """`_laid_out(...)`, reusing the keys of the module's previous call that came back unchanged."""
     versions = (weight._version, None if bias is None else bias._version, weight.data_ptr())
     last = _PREFIX.get(m)
     n = key.shape[axis]
@@ -80,16 +107,17 @@ def _extend(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.T
         same_layout = old.dim() == key.dim() and old.dtype == key.dtype and old.device == key.device and all(
             a == b for i, (a, b) in enumerate(zip(old.shape, key.shape)) if i != axis)
         if old_versions == versions and same_layout and 0 < k < n and torch.equal(key.narrow(axis, 0, k), old):
-            projected = torch.cat([old_projected, F.linear(key.narrow(axis, k, n - k), weight, bias)], dim=axis)
+            new = _laid_out(m, key.narrow(axis, k, n - k), weight, bias, axis)
+            projected = torch.cat([old_projected, new], dim=2)
             _PREFIX[m] = (key.detach(), versions, projected)
             return projected
-    projected = F.linear(key, weight, bias)
+    projected = _laid_out(m, key, weight, bias, axis)
     _PREFIX[m] = (key.detach(), versions, projected)
     return projected
 
 
 def _query_key(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    arguments = _bind(call).arguments
+    arguments = _bind(call)
     return arguments["query"], arguments["key"]
 
 
@@ -116,11 +144,11 @@ def _lengths(call: Call) -> tuple[int, int, int]:
 
 
 def _query(call: Call) -> torch.Tensor:
-    return _bind(call).arguments["query"]
+    return _bind(call)["query"]
 
 
 def _memory(call: Call) -> torch.Tensor:
-    key = _bind(call).arguments["key"]
+    key = _bind(call)["key"]
     if key.dim() == 2:
         return key[None]
     return key if call.module.batch_first else key.transpose(0, 1)
@@ -129,7 +157,7 @@ def _memory(call: Call) -> torch.Tensor:
 def _valid(call: Call) -> int | None:
     """Query slots holding real tokens in a fixed-slot template: the key padding mask (True or -inf = padding)
     masks the same trailing slots of every batch row, and the queries are those slots."""
-    arguments = _bind(call).arguments
+    arguments = _bind(call)
     mask = arguments.get("key_padding_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (1, 2):
         return None
@@ -145,61 +173,107 @@ def _valid(call: Call) -> int | None:
     return n
 
 
-def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
-    """Per-head weights `(batch, heads, hi - lo, keys)` of query rows `lo:hi`, as the module computed them:
-    softmax(q k^T / sqrt(d) + masks), as `F.multi_head_attention_forward` computes its weights, projecting only
-    those queries and the keys (no values, no output projection; the keys once per key tensor)."""
-    m = cast(nn.MultiheadAttention, call.module)
-    a = _bind(call).arguments
-    query, key = a["query"], a["key"]
-    pad, mask = a.get("key_padding_mask"), a.get("attn_mask")
-    e, h = m.embed_dim, m.num_heads
-    d = e // h
+# per module, the query and key projections (views of its parameters, so in-place updates show), kept while the
+# module holds the same parameter objects
+_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _weights(m: nn.MultiheadAttention) -> tuple:
+    """`(wq, bq, wk, bk)`: the query and key rows of the module's input projection."""
+    params = (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.in_proj_bias)
+    # the objects, and where their data lie (`param.data = other` keeps the object, not the storage)
+    stamp = tuple((p, p.data_ptr()) if p is not None else None for p in params)
+    hit = _WEIGHTS.get(m)
+    if hit is not None and len(hit[0]) == len(stamp) and all(
+            a is b if a is None or b is None else a[0] is b[0] and a[1] == b[1] for a, b in zip(hit[0], stamp)):
+        return hit[1]
+    e = m.embed_dim
     if m._qkv_same_embed_dim:
         wq, wk = m.in_proj_weight[:e], m.in_proj_weight[e: 2 * e]
     else:
         wq, wk = m.q_proj_weight, m.k_proj_weight
     bq, bk = (None, None) if m.in_proj_bias is None else (m.in_proj_bias[:e], m.in_proj_bias[e: 2 * e])
+    views = (wq.detach(), None if bq is None else bq.detach(), wk.detach(), None if bk is None else bk.detach())
+    _WEIGHTS[m] = (stamp, views)
+    return views
+
+
+def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
+    """Per-head weights `(batch, heads, hi - lo, keys)` of query rows `lo:hi`, as the module computed them:
+    softmax(q k^T / sqrt(d) + masks), as `F.multi_head_attention_forward` computes its weights, projecting only
+    those queries and the keys (no values, no output projection; the keys once per key tensor). Where the
+    module's own kernel call was seen (`_torch_sdpa`), from the queries, keys and mask it was given instead."""
+    seen = call.state.get("sdpa")
+    if seen is not None and seen.q is not None and _fits(call, seen):
+        return _torch_sdpa.rows(seen, lo, hi)
+    m = cast(nn.MultiheadAttention, call.module)
+    a = _bind(call)
+    query, key = a["query"], a["key"]
+    pad, mask = a.get("key_padding_mask"), a.get("attn_mask")
+    d = m.embed_dim // m.num_heads
+    wq, bq, wk, bk = _weights(m)
     with torch.no_grad():
-        batched_first = query.dim() == 3 and m.batch_first
-        q = F.linear(query[:, lo:hi] if batched_first else query[lo:hi], wq, bq)
-        k = _project_keys(m, key, wk, bk, 1 if batched_first else 0)
         if query.dim() == 2:  # unbatched (L, E): one sequence-first batch of 1
-            q, k = q[:, None], k[:, None]
+            rows, axis = query[lo:hi, None], 0
             pad = pad[None] if pad is not None else None
-        elif batched_first:
-            q, k = q.transpose(0, 1), k.transpose(0, 1)
+        elif m.batch_first:
+            rows, axis = query[:, lo:hi].transpose(0, 1), 1
+        else:
+            rows, axis = query[lo:hi], 0
+        q = F.linear(rows, wq, bq)  # (l, N, E)
+        kt = _project_keys(m, key, wk, bk, axis)  # (N * H, d, S)
         if mask is not None:
             mask = mask[..., lo:hi, :]
         # as nn.MultiheadAttention does: float masks in the query's dtype, boolean ones as they are
         mask, pad = (t.to(query.dtype) if t is not None and t.is_floating_point() else t for t in (mask, pad))
         # is_causal is only a hint: with a mask the mask is what ran; without one the call ran the native fast
         # path, which ignores it (the slow path refuses it), so no causal mask is applied here either
-        return _scores(m, q, k, pad, mask, d)
+        return _scores(m, q, kt, pad, mask, d)
 
 
-def _scores(m: nn.MultiheadAttention, q, k, pad, mask, d: int) -> torch.Tensor:
-    """Projected sequence-first `q (l, N, E)`, `k (S, N, E)` -> weights `(N, H, l, S')`."""
-    rows, batch, keys, h, e = q.shape[0], q.shape[1], k.shape[0], m.num_heads, m.embed_dim
-    extra = 0
+def _scores(m: nn.MultiheadAttention, q, kt, pad, mask, d: int) -> torch.Tensor:
+    """Projected sequence-first queries `q (l, N, E)`, keys laid out `kt (N * H, d, S)` -> weights
+    `(N, H, l, S')` (S' counts `bias_k` and the zero key)."""
+    rows, batch, h, e = q.shape[0], q.shape[1], m.num_heads, m.embed_dim
+    extra = []
     if m.bias_k is not None:
-        k = torch.cat([k, m.bias_k.repeat(1, batch, 1)])
-        extra += 1
+        extra.append(m.bias_k.reshape(1, h, d, 1).expand(batch, h, d, 1).reshape(batch * h, d, 1))
     if m.add_zero_attn:
-        k = torch.cat([k, k.new_zeros(1, batch, e)])
-        extra += 1
-    q = q.reshape(rows, batch * h, d).transpose(0, 1) * (1.0 / d) ** 0.5
-    k = k.reshape(keys + extra, batch * h, d).transpose(0, 1)
-    scores = torch.bmm(q, k.transpose(1, 2))  # (N * H, l, S')
+        extra.append(kt.new_zeros(batch * h, d, 1))
+    if extra:
+        kt = torch.cat([kt, *extra], dim=2)
+    keys = kt.shape[2]
+    q = (q * (1.0 / d) ** 0.5).view(rows, batch * h, d).transpose(0, 1)
+    scores = torch.bmm(q, kt)  # (N * H, l, S')
     if mask is not None:
         mask = mask if mask.dim() == 3 else mask[None]
-        mask = F.pad(mask, (0, extra)) if extra else mask
+        mask = F.pad(mask, (0, len(extra))) if extra else mask
         scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     if pad is not None:
-        pad = F.pad(pad, (0, extra)) if extra else pad
+        pad = F.pad(pad, (0, len(extra))) if extra else pad
         pad = pad if pad.dtype == torch.bool else torch.isneginf(pad)
-        scores = scores.view(batch, h, rows, -1).masked_fill(pad[:, None, None], float("-inf")).view_as(scores)
-    return scores.softmax(-1).view(batch, h, rows, keys + extra)
+        scores = scores.view(batch, h, rows, keys).masked_fill(pad[:, None, None], float("-inf")).view_as(scores)
+    return scores.softmax(-1).view(batch, h, rows, keys)
+
+
+def _fits(call: Call, seen: _torch_sdpa.Seen) -> bool:
+    """Whether the kernel call seen is this call's: `(batch, heads, queries | keys, head dim)`."""
+    batch, heads, queries, keys = _shape(call)
+    q, k = seen.q, seen.k
+    assert q is not None and k is not None
+    d = cast(nn.MultiheadAttention, call.module).head_dim
+    return tuple(q.shape) == (batch, heads, queries, d) and tuple(k.shape) == (batch, heads, keys, d)
+
+
+def _open(call: Call) -> None:
+    # not a forcing: the call runs as it was made; its kernel's inputs are kept on the way (_torch_sdpa)
+    if _torch_sdpa.watches(call.module):
+        _torch_sdpa.open_for(call.state)
+
+
+def _close(call: Call) -> None:
+    _torch_sdpa.close(call.state)
+    return None  # the output as the module returned it
 
 
 def _shape(call: Call) -> tuple[int, int, int, int]:
@@ -221,6 +295,9 @@ MULTIHEAD_ATTENTION = AttentionSpec(
     valid=_valid,
     query=_query,
     memory=_memory,
+    prepare=lambda session: _torch_sdpa.install(),
+    force=_open,
+    restore=_close,
 )
 
 

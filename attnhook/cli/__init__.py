@@ -48,6 +48,33 @@ def main(argv: list[str] | None = None) -> int:
         ...
         0
     """
+    from .._output import INTERRUPTED
+
+    seen = len(INTERRUPTED)
+    try:
+        code = _main(argv)
+        if INTERRUPTED[seen:]:
+            _quiet_exit(argv)
+        return code
+    except KeyboardInterrupt:
+        # a Ctrl-C the interpreter delivered after the command's own handler was removed: the command stops
+        # with the status of Ctrl-C, saying so once, and (run as the program) ignores any later one on its way out
+        if not INTERRUPTED[seen:]:
+            _say("attnhook: stopped by Ctrl-C.")
+        _quiet_exit(argv)
+        return 130
+
+
+def _quiet_exit(argv) -> None:
+    """Run as the program (no argv given): a signal after the command ended no longer kills the exit status."""
+    import signal
+    import threading
+
+    if argv is None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main(argv: list[str] | None) -> int:
     import os
 
     parser = build_parser()

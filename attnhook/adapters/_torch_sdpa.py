@@ -1,0 +1,138 @@
+"""The queries, keys and mask that `nn.MultiheadAttention` hands its own scaled-dot-product kernel.
+
+`F.multi_head_attention_forward`, when no weights are asked for, projects the inputs, merges the masks and calls
+`torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)`. While a recording of
+such modules is active, that name is a pass-through wrapper: it calls the very same function with the very same
+arguments (so the output is bit-identical), and, inside a recorded call only, keeps the tensors it was given.
+The weights of the kept rows are then one product and one softmax over what the kernel saw, instead of a second
+projection of the queries and keys. Calls the wrapper does not see (the native fast path, `need_weights=True`,
+a subclass with its own forward) fall back to the projection in `torch.py`.
+
+The wrapper is installed while at least one recording needs it (a count, under a lock) and finds the call it
+belongs to through a context variable, so other threads and other code pass straight through.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextvars import ContextVar, Token
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# the function the wrapper calls: what the name held when the wrapper was first installed (kept after the undo,
+# for code that took the wrapper itself by `from torch.nn.functional import scaled_dot_product_attention`)
+_ORIGINAL: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
+_USERS = 0
+_LOCK = threading.Lock()
+
+
+class Seen:
+    """What one recorded call's kernel was given: `q`, `k` `(batch, heads, L|S, d)`, `mask`, `causal`,
+    `scale` (None until the kernel ran)."""
+
+    __slots__ = ("q", "k", "mask", "causal", "scale")
+
+    def __init__(self) -> None:
+        self.q: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.causal = False
+        self.scale: float | None = None
+
+
+_OPEN: ContextVar[Seen | None] = ContextVar("attnhook_mha_sdpa", default=None)
+
+
+def _wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
+    seen = _OPEN.get()
+    if seen is not None and seen.q is None:
+        _OPEN.set(None)  # only the first kernel call of the module's call is its own
+        _keep(seen, args, kwargs)
+    return _ORIGINAL(*args, **kwargs)
+
+
+def _keep(seen: Seen, args: tuple, kwargs: dict) -> None:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    given = {**dict(zip(names, args)), **kwargs}
+    q, k = given.get("query"), given.get("key")
+    mask = given.get("attn_mask")
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4
+            and (mask is None or isinstance(mask, torch.Tensor)) and not given.get("enable_gqa", False)):
+        return
+    seen.q, seen.k, seen.mask = q.detach(), k.detach(), None if mask is None else mask.detach()
+    seen.causal = bool(given.get("is_causal", False))
+    scale = given.get("scale")
+    seen.scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+
+
+def install() -> Callable[[], None]:
+    """Put the wrapper in place (counted); returns the undo."""
+    global _ORIGINAL, _USERS
+    with _LOCK:
+        if _USERS == 0 and F.scaled_dot_product_attention is not _wrapper:
+            _ORIGINAL = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = _wrapper
+        _USERS += 1
+    done = False
+
+    def undo() -> None:
+        global _USERS
+        nonlocal done
+        if done:
+            return
+        done = True
+        with _LOCK:
+            _USERS -= 1
+            if _USERS == 0 and F.scaled_dot_product_attention is _wrapper:  # not over someone's later patch
+                F.scaled_dot_product_attention = _ORIGINAL
+
+    return undo
+
+
+def watches(module: nn.Module) -> bool:
+    """Whether the module's call goes through `F.multi_head_attention_forward` as torch ships it."""
+    return type(module).forward is nn.MultiheadAttention.forward
+
+
+def open_for(state: dict) -> None:
+    """Before the module runs: its kernel call is kept in `state["sdpa"]`."""
+    seen = Seen()
+    state["sdpa"] = seen
+    state["sdpa_token"] = _OPEN.set(seen)
+
+
+def close(state: dict) -> None:
+    """After the module ran."""
+    token: Token | None = state.pop("sdpa_token", None)
+    if token is not None:
+        try:
+            _OPEN.reset(token)
+        except ValueError:  # reset from another context: the variable is this call's to clear anyway
+            _OPEN.set(None)
+
+
+def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
+    """Weights `(batch, heads, hi - lo, S)` of query rows `lo:hi` from what the kernel was given: softmax(q k^T *
+    scale + mask), with the kernel's causal mask when it applied one (float masks add, boolean ones keep
+    True)."""
+    q, k, mask = seen.q, seen.k, seen.mask
+    assert q is not None and k is not None and seen.scale is not None
+    with torch.no_grad():
+        n, h, _, d = q.shape
+        keys = k.shape[2]
+        # one batched product of (N * H) small matrices: the query rows copied (they are few), the keys as the
+        # kernel got them (a view; batch and heads merge without a copy in the layouts the module makes)
+        scores = torch.bmm((q[:, :, lo:hi] * seen.scale).reshape(n * h, hi - lo, d),
+                           k.reshape(n * h, keys, d).transpose(1, 2)).view(n, h, hi - lo, keys)
+        if mask is not None:
+            if mask.dim() >= 2 and mask.shape[-2] != 1:
+                mask = mask[..., lo:hi, :]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        if seen.causal:
+            rows_at = torch.arange(lo, hi, device=q.device)[:, None]
+            allowed = torch.arange(keys, device=q.device)[None] <= rows_at  # top left, as the kernel aligns it
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores.softmax(-1)
