@@ -9,7 +9,8 @@ The instrument of issue 11 (point 2). Random-weight models built from configs (n
 * `vit-gpt2`: VisionEncoderDecoderModel, ViT-base (224 px, 16 px patches: 197 tokens, 12 layers of 768) +
   GPT-2 small sizes (768, 12 heads, vocabulary 50257) with cross-attention but 6 layers instead of 12, to keep
   the run short. Recorded: the decoder cross-attention (`sites="cross"`), and every site (`sites="all"`: the ViT
-  layers, the GPT-2 self- and cross-attention).
+  layers, the GPT-2 self- and cross-attention). `floor all`: the least any recorder of every site could cost,
+  every row of every attention call as one product and one softmax of the queries and keys its kernel got.
 * `torch-decoder`: the stock nn.TransformerDecoder captioner of benchmarks/record_overhead.py (4 layers, d=256,
   196 keys, batch 4, 20 tokens, the prefix rerun at each step). Recorded: the last cross-attention layer, and
   every site. `floor all` is the least any recorder of every site could cost: a plain hook per module that keeps
@@ -24,7 +25,8 @@ of one thread is the steadier of the two; on CUDA read the wall time):
   nothing recorded: what forcing eager costs by itself;
 * `attnhook ...`: as loaded, inside `attnhook.record(model, sites=...)`.
 
-Peak memory: each mode runs once more in a fresh subprocess. On CPU: the peak resident set (VmHWM, reset
+Peak memory: each mode runs twice more in a fresh subprocess, measured the second time (the first pays the
+one-time imports). On CPU: the peak resident set (VmHWM, reset
 through /proc/self/clear_refs just before `generate()`) minus the resident set at that moment; on CUDA:
 `torch.cuda.max_memory_allocated()` minus the allocated bytes before `generate()`. So weights and inputs are
 not counted, only what the run adds. `peak/(base+need)` is the recorded peak over the unrecorded peak plus
@@ -143,7 +145,7 @@ def build_vit_gpt2(name: str, tokens: int, device: str, dtype: torch.dtype) -> C
     gen = torch.Generator().manual_seed(1)
     inputs = {"pixel_values": torch.randn(1, 3, 224, 224, generator=gen).to(device=device, dtype=dtype)}
     options = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False}
-    modes = {"sdpa": ("sdpa", None), "eager": ("eager", None),
+    modes = {"sdpa": ("sdpa", None), "eager": ("eager", None), "floor all": ("sdpa", "floor:all"),
              "attnhook cross": ("sdpa", {"sites": "cross"}), "attnhook all": ("sdpa", {"sites": "all"})}
     return Case(name, model, lambda: model.generate(**inputs, **options), modes,
                 f"ViT-base (197 tokens) + GPT-2 768 x 6 layers (of 12), {tokens} new tokens; eager = both",
@@ -158,7 +160,7 @@ def build_torch_decoder(name: str, tokens: int, device: str, dtype: torch.dtype)
     model = ro.Captioner().eval().to(device=device, dtype=dtype)
     image = torch.rand(ro.BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device=device,
                                                                                            dtype=dtype)
-    modes = {"baseline": (None, None), "floor all": (None, "floor"),
+    modes = {"baseline": (None, None), "floor all": (None, "floor:last"),
              "attnhook cross last": (None, {"sites": "cross", "layers": -1}),
              "attnhook all": (None, {"sites": "all"})}
     return Case(name, model, lambda: model.generate(image), modes,
@@ -178,27 +180,36 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def floor_run(case: Case):
-    """The least any recorder of every site could do: a plain hook per nn.MultiheadAttention that keeps the last
-    query row's weights, computed as one product and one softmax from the queries and keys the module hands its
-    own kernel (caught by a pass-through wrapper of F.scaled_dot_product_attention; no checks, no positions)."""
+def floor_run(case: Case, rows: str = "last"):
+    """The least any recorder of every site could do: keep weights computed as one product and one softmax from
+    the queries and keys each attention call hands its kernel (caught by a pass-through wrapper of
+    F.scaled_dot_product_attention; no checks, no positions, no masks). `rows="last"`: each
+    nn.MultiheadAttention's last query row, by a plain forward hook (a loop that reruns its prefix keeps one new
+    row per call); `rows="all"`: every row of every call (an encoder keeps all its rows; a cached decoding
+    step has one)."""
     import torch.nn.functional as F
 
     real, seen, kept = F.scaled_dot_product_attention, [], []
 
-    def sdpa(q, k, v, mask=None, *args, **kwargs):
-        seen.append((q, k, mask))
-        return real(q, k, v, mask, *args, **kwargs)
+    def weights(q, k, last: bool):
+        n, h, length, d = q.shape
+        q = q[:, :, -1:] if last else q
+        scores = torch.bmm(q.reshape(n * h, q.shape[2], d), k.reshape(n * h, k.shape[2], d).transpose(1, 2))
+        return scores.mul_(d ** -0.5).softmax(-1).cpu()
+
+    def sdpa(q, k, v, *args, **kwargs):
+        if rows == "all" and k.shape[1] == q.shape[1]:  # grouped keys would need repeating: none here
+            kept.append(weights(q, k, last=False))
+        else:
+            seen.append((q, k))
+        return real(q, k, v, *args, **kwargs)
 
     def hook(module, args, output):
-        q, k, mask = seen.pop()
-        n, h, length, d = q.shape
-        row = (q[:, :, -1:] * d ** -0.5).reshape(n * h, 1, d)
-        scores = torch.bmm(row, k.reshape(n * h, k.shape[2], d).transpose(1, 2))
-        kept.append(scores.softmax(-1).cpu())  # the last row attends to every key: no mask to apply
+        q, k = seen.pop()
+        kept.append(weights(q, k, last=True))  # the last row attends to every key: no mask to apply
 
     handles = [m.register_forward_hook(hook) for m in case.model.modules()
-               if isinstance(m, torch.nn.MultiheadAttention)]
+               if rows == "last" and isinstance(m, torch.nn.MultiheadAttention)]
     F.scaled_dot_product_attention = sdpa
     try:
         return case.run(), None
@@ -213,8 +224,8 @@ def run_mode(case: Case, mode: str, device: str):
     import attnhook as ah
 
     impl, kwargs = case.modes[mode]
-    if kwargs == "floor":
-        return floor_run(case)
+    if isinstance(kwargs, str) and kwargs.startswith("floor"):
+        return floor_run(case, kwargs.split(":")[1])
     if impl is not None:
         case.model.set_attn_implementation(impl)
     try:
@@ -261,9 +272,13 @@ def _vm(field_name: str) -> int:
 
 
 def measure_memory(case: Case, mode: str, device: str) -> dict:
-    """Peak bytes one run of `mode` adds over what is allocated just before it (call in a fresh process)."""
+    """Peak bytes one run of `mode` adds over what is allocated just before it (call in a fresh process, which
+    first runs the mode once untimed: the one-time imports and source reading of a first run are not what a
+    recording costs)."""
     import gc
 
+    warm = run_mode(case, mode, device)
+    del warm
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -114,6 +114,23 @@ def close(state: dict) -> None:
             _OPEN.set(None)
 
 
+# additive causal masks `(rows, keys)` by (lo, hi, keys, dtype, device): a decoding loop asks the same few
+_CAUSAL: dict[tuple, torch.Tensor] = {}
+
+
+def _causal(lo: int, hi: int, keys: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0 where row `i` (of `lo:hi`) may see key `j` (`j <= i`: top left, as the kernel aligns it), -inf after."""
+    ident = (lo, hi, keys, dtype, device)
+    mask = _CAUSAL.get(ident)
+    if mask is None:
+        allowed = torch.arange(keys, device=device)[None] <= torch.arange(lo, hi, device=device)[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        if len(_CAUSAL) > 256:
+            _CAUSAL.clear()
+        _CAUSAL[ident] = mask
+    return mask
+
+
 def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
     """Weights `(batch, heads, hi - lo, S)` of query rows `lo:hi` from what the kernel was given: softmax(q k^T *
     scale + mask), with the kernel's causal mask when it applied one (float masks add, boolean ones keep
@@ -122,17 +139,29 @@ def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
     assert q is not None and k is not None and seen.scale is not None
     with torch.no_grad():
         n, h, _, d = q.shape
-        keys = k.shape[2]
-        # one batched product of (N * H) small matrices: the query rows copied (they are few), the keys as the
-        # kernel got them (a view; batch and heads merge without a copy in the layouts the module makes)
-        scores = torch.bmm((q[:, :, lo:hi] * seen.scale).reshape(n * h, hi - lo, d),
-                           k.reshape(n * h, keys, d).transpose(1, 2)).view(n, h, hi - lo, keys)
-        if mask is not None:
+        keys, l = k.shape[2], hi - lo
+        # one batched product of (N * H) small matrices, on views of the kernel's own queries and keys (batch
+        # and heads merge without a copy in the layouts the module makes), the scale and an additive mask
+        # applied by the same call, as the module's own weights path does (baddbmm)
+        qr = q[:, :, lo:hi].reshape(n * h, l, d)
+        kt = k.reshape(n * h, keys, d).transpose(1, 2)
+        add = None
+        if mask is not None and mask.dtype != torch.bool:
             if mask.dim() >= 2 and mask.shape[-2] != 1:
                 mask = mask[..., lo:hi, :]
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            add, mask = mask, None
         if seen.causal:
-            rows_at = torch.arange(lo, hi, device=q.device)[:, None]
-            allowed = torch.arange(keys, device=q.device)[None] <= rows_at  # top left, as the kernel aligns it
-            scores = scores.masked_fill(~allowed, float("-inf"))
+            causal = _causal(lo, hi, keys, q.dtype, q.device)
+            add = causal if add is None else add + causal
+        if add is None:
+            scores = torch.bmm(qr, kt).mul_(seen.scale)
+        else:
+            if add.dim() == 4:
+                add = add.expand(n, h, l, keys).reshape(n * h, l, keys)
+            scores = torch.baddbmm(add, qr, kt, alpha=seen.scale)
+        scores = scores.view(n, h, l, keys)
+        if mask is not None:  # boolean: True takes part
+            if mask.dim() >= 2 and mask.shape[-2] != 1:
+                mask = mask[..., lo:hi, :]
+            scores = scores.masked_fill(~mask, float("-inf"))
         return scores.softmax(-1)
