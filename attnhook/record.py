@@ -428,6 +428,9 @@ class record:
         return False
 
 
+_CHECKED_BESIDE: set[tuple] = set()
+
+
 class _Beside:
     """The weights of one call, computed by the spec's `rows()` only for the query rows asked for.
 
@@ -455,11 +458,15 @@ class _Beside:
         if hi == lo + 1 and self.shape[2] - lo <= 8:
             hi = self.shape[2]  # a held row to compare: the kept rows follow it, compute them in one go
         weights = self.spec.rows(self.call, lo, hi)
-        first = self.name not in self.recorder._checked
-        self.recorder._checked.add(self.name)
+        # rows computed beside the call are checked to be probabilities once per spec, module class and mode in
+        # the process (the computation is the same for every module of the class), not at every recording:
+        # an encoder layer called once per run would otherwise be checked in full at every run
         state = self.call.state
+        kind = (self.spec.name, id(self.spec), type(self.call.module), bool(state.get("training", False)))
+        first = kind not in _CHECKED_BESIDE
         weights = _calls.as_rows(self.spec, self.name, weights, first, state.get("training", False),
                                  state.get("sinks", False))
+        _CHECKED_BESIDE.add(kind)  # only once the check passed: a refused class is refused every time
         self._block = (lo, weights)
         return weights[:, :, : want - lo]
 

@@ -25,8 +25,7 @@ of one thread is the steadier of the two; on CUDA read the wall time):
   nothing recorded: what forcing eager costs by itself;
 * `attnhook ...`: as loaded, inside `attnhook.record(model, sites=...)`.
 
-Peak memory: each mode runs twice more in a fresh subprocess, measured the second time (the first pays the
-one-time imports). On CPU: the peak resident set (VmHWM, reset
+Peak memory: each mode runs once more in a fresh subprocess. On CPU: the peak resident set (VmHWM, reset
 through /proc/self/clear_refs just before `generate()`) minus the resident set at that moment; on CUDA:
 `torch.cuda.max_memory_allocated()` minus the allocated bytes before `generate()`. So weights and inputs are
 not counted, only what the run adds. `peak/(base+need)` is the recorded peak over the unrecorded peak plus
@@ -272,13 +271,9 @@ def _vm(field_name: str) -> int:
 
 
 def measure_memory(case: Case, mode: str, device: str) -> dict:
-    """Peak bytes one run of `mode` adds over what is allocated just before it (call in a fresh process, which
-    first runs the mode once untimed: the one-time imports and source reading of a first run are not what a
-    recording costs)."""
+    """Peak bytes one run of `mode` adds over what is allocated just before it (call in a fresh process)."""
     import gc
 
-    warm = run_mode(case, mode, device)
-    del warm
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -13,7 +13,7 @@ transformers.logging.set_verbosity_error()
 
 import attnhook as ah  # noqa: E402
 from attnhook.adapters import _hf_dispatch  # noqa: E402
-from attnhook.errors import AttnHookWarning, RecordingError  # noqa: E402
+from attnhook.errors import AttnHookWarning, RecordingError, SpecError  # noqa: E402
 from test_hf_matrix import CASES, SMALL, V, VISION, hooks, implementations, llava, ved_gpt2  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
 
@@ -230,6 +230,8 @@ def quiet_eager(module, query, key, value, attention_mask, scaling=None, dropout
     return (weights @ value).transpose(1, 2), weights
 
 
+# two classes alike but for the function they name: the adapter finds a module's fallback in its forward's
+# source, so each forward names its own
 class RaisingAttention(RemoteAttention):
     def forward(self, hidden_states):
         b, n, _ = hidden_states.shape
@@ -253,6 +255,39 @@ class QuietAttention(RemoteAttention):
 
 
 RaisingAttention.__module__ = QuietAttention.__module__ = "transformers_modules.remote.modeling_remote"
+
+
+def scores_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A broken fallback: returns the scores, not probabilities."""
+    weights = scaling * query @ key.transpose(2, 3)
+    return (weights.softmax(-1) @ value).transpose(1, 2), weights
+
+
+class ScoresAttention(RemoteAttention):
+    def forward(self, hidden_states):
+        b, n, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        attention_interface = scores_eager
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, weights = attention_interface(self, q, k, v, None, scaling=self.scaling)
+        return out.reshape(b, n, 32), weights
+
+
+ScoresAttention.__module__ = "transformers_modules.remote.modeling_remote"
+
+
+def test_a_fallback_that_gives_scores_is_refused_at_every_recording():
+    """Rows computed beside the call are checked once per class in the process, once the check passed: a class
+    that failed it is refused again at the next recording, never recorded silently."""
+    torch.manual_seed(0)
+    config = transformers.PretrainedConfig()
+    config._attn_implementation = "sdpa"
+    module = ScoresAttention(config, "getitem")
+    x = torch.randn(2, 5, 32)
+    for _ in range(2):
+        with pytest.raises(SpecError, match="not probabilities"), ah.record(module):
+            module(x)
 
 
 @pytest.mark.parametrize("cls,first", [(RaisingAttention, [0, 8]), (QuietAttention, [0, 8])])

@@ -72,9 +72,9 @@ def test_only_the_kept_rows_are_computed(monkeypatch):
     from attnhook.adapters import _torch_sdpa
     real = _torch_sdpa.rows
 
-    def counting(seen, lo, hi):  # observes the query rows the weights are computed for, then computes them
+    def counting(seen, lo, hi, *rest):  # observes the query rows the weights are computed for, then computes them
         computed.append(hi - lo)
-        return real(seen, lo, hi)
+        return real(seen, lo, hi, *rest)
 
     monkeypatch.setattr(_torch_sdpa, "rows", counting)
     with ah.record(model, sites="decoder.layers.1.multihead_attn") as trace:
@@ -134,6 +134,36 @@ def test_keys_reused_from_the_previous_call_only_where_they_came_back_unchanged(
             _, ref = mha(seq, seq, seq, need_weights=True, average_attn_weights=False)
             torch.testing.assert_close(trace.weights(trace.sites[0], sequence=i, call=0), ref.transpose(1, 2),
                                        atol=1e-6, rtol=0)
+
+
+def test_the_kernels_cross_keys_are_kept_only_while_their_tensor_and_weights_are_unchanged(monkeypatch):
+    """Cross-attention to one memory tensor: the kernel's keys are laid out once and reused; the memory changed
+    in place, or the weights, or another tensor, are noticed: every row equals the module's own weights."""
+    from attnhook.adapters import torch as adapter
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    memory, x = torch.randn(2, 9, 16), torch.randn(2, 1, 16)
+    made = []
+    real = adapter._cached
+
+    def counting(kind, m, key, params, make):  # observes which layouts are built, not looked up
+        return real(kind, m, key, params, lambda: (made.append(kind), make())[1])
+
+    monkeypatch.setattr(adapter, "_cached", counting)
+    changes = [lambda: None, lambda: None, lambda: memory.mul_(2), lambda: mha.in_proj_weight.mul_(1.5),
+               lambda: None]
+    with torch.no_grad(), ah.record(mha) as trace:
+        for i, change in enumerate(changes):
+            change()
+            source = memory if i < 4 else memory.clone()
+            trace.new_sequence()
+            mha(x, source, source, need_weights=False)
+            _, ref = mha(x, source, source, need_weights=True, average_attn_weights=False)
+            torch.testing.assert_close(trace.weights(trace.sites[0], sequence=i, call=0), ref.transpose(1, 2),
+                                       atol=1e-6, rtol=0)
+    assert made.count("kernel") == 4  # built at calls 0, 2 (memory changed), 3 (weights changed), 4 (new tensor)
+    assert len([k for k in adapter._KEYS if k[2] == "kernel"]) <= 2  # entries go with their tensors
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")

@@ -131,10 +131,10 @@ def _causal(lo: int, hi: int, keys: int, dtype: torch.dtype, device: torch.devic
     return mask
 
 
-def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
+def rows(seen: Seen, lo: int, hi: int, kt: torch.Tensor | None = None) -> torch.Tensor:
     """Weights `(batch, heads, hi - lo, S)` of query rows `lo:hi` from what the kernel was given: softmax(q k^T *
     scale + mask), with the kernel's causal mask when it applied one (float masks add, boolean ones keep
-    True)."""
+    True). `kt`: the same keys laid out `(batch * heads, d, S)`, where the caller keeps them so."""
     q, k, mask = seen.q, seen.k, seen.mask
     assert q is not None and k is not None and seen.scale is not None
     with torch.no_grad():
@@ -144,11 +144,11 @@ def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
         # and heads merge without a copy in the layouts the module makes), the scale and an additive mask
         # applied by the same call, as the module's own weights path does (baddbmm)
         qr = q[:, :, lo:hi].reshape(n * h, l, d)
-        kt = k.reshape(n * h, keys, d).transpose(1, 2)
+        kt = k.reshape(n * h, keys, d).transpose(1, 2) if kt is None else kt
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+            mask = mask[..., lo:hi, :]  # the kept rows of a per-row mask
         add = None
         if mask is not None and mask.dtype != torch.bool:
-            if mask.dim() >= 2 and mask.shape[-2] != 1:
-                mask = mask[..., lo:hi, :]
             add, mask = mask, None
         if seen.causal:
             causal = _causal(lo, hi, keys, q.dtype, q.device)
@@ -161,7 +161,5 @@ def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
             scores = torch.baddbmm(add, qr, kt, alpha=seen.scale)
         scores = scores.view(n, h, l, keys)
         if mask is not None:  # boolean: True takes part
-            if mask.dim() >= 2 and mask.shape[-2] != 1:
-                mask = mask[..., lo:hi, :]
             scores = scores.masked_fill(~mask, float("-inf"))
         return scores.softmax(-1)
