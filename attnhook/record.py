@@ -22,7 +22,7 @@ from . import _calls, _tree
 from ._hooks import Undo, claim
 from ._positions import Event, Placement, Tracker
 from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SpecError
-from .registry import KINDS, Call, lookup, specs
+from .registry import _BUILTINS, KINDS, Call, lookup, specs
 from ._types import LayerSelector, SiteSelector
 from .trace import Site, Trace, _by_which, layer_of, select
 
@@ -395,7 +395,11 @@ class record:
             ready.record()
             self.trace.add_rows(name, placement.first, kept, call=placement.call, ready=ready)
             return
-        kept = rows.detach().to(self.device, dtype, copy=True, memory_format=torch.contiguous_format)
+        # a copy, so that the trace holds only its rows (not a larger matrix they are a view of) and nothing
+        # another holder could change; rows a built-in spec just computed beside the call, kept whole, are
+        # already that (an encoder layer's rows, every row of a call: a copy as large as the weights)
+        own = isinstance(weights, _Beside) and weights.fresh(rows)
+        kept = rows.detach().to(self.device, dtype, copy=not own, memory_format=torch.contiguous_format)
         self.trace.add_rows(name, placement.first, kept, call=placement.call)
 
     def _say(self) -> None:
@@ -449,6 +453,16 @@ class _Beside:
             lo, hi, _ = rows.indices(self.shape[2])
             return self._compute(lo, max(lo, hi))
         raise TypeError(f"weights computed beside the call take [:, :, rows], got {index!r}")
+
+    def fresh(self, rows: torch.Tensor) -> bool:
+        """Whether `rows` is the whole of a block a built-in spec computed here, held by nothing else (not
+        weights the module also returned: the call's state says `shared`)."""
+        block = getattr(self, "_block", None)
+        if block is None or id(self.spec) not in _BUILTINS or self.call.state.get("shared", False):
+            return False
+        b = block[1]
+        return (rows.shape == b.shape and rows.data_ptr() == b.data_ptr() and b.is_contiguous()
+                and b.untyped_storage().nbytes() == b.numel() * b.element_size())
 
     def _compute(self, lo: int, hi: int) -> torch.Tensor:
         block = getattr(self, "_block", None)

@@ -236,9 +236,14 @@ def _find(cls: type, ordered: list[AttentionSpec]) -> AttentionSpec | None:
     return None
 
 
+# the built-in specs (by identity): their `rows()` return tensors they just computed and nobody else holds
+_BUILTINS: set[int] = set()
+
+
 def _register_builtin(spec: AttentionSpec) -> None:
     """Built-ins go first in the list, so that anything a user registers wins over them."""
     with _LOCK:
+        _BUILTINS.add(id(spec))
         if spec not in _SPECS:
             _SPECS.insert(0, spec)
             _CACHE.clear()

@@ -25,6 +25,13 @@ of one thread is the steadier of the two; on CUDA read the wall time):
   nothing recorded: what forcing eager costs by itself;
 * `attnhook ...`: as loaded, inside `attnhook.record(model, sites=...)`.
 
+Modes run in a shuffled order in each round. `own ms`: the median time spent inside attnhook's hooks per run
+(where it places the call, computes the kept rows beside it, checks and copies them), or inside the floor's
+hook; `1+own` is that over the unrecorded run: the part of `x base` that is the recorder's own work, steadier
+than the difference of two wall times on a shared machine (the rest is what the model itself took longer).
+`--steady-malloc` reruns the benchmark with glibc keeping freed memory: on a shared CPU machine the page faults
+of memory returned to the system and touched again (seconds of system time per case) are most of the noise.
+
 Peak memory: each mode runs once more in a fresh subprocess. On CPU: the peak resident set (VmHWM, reset
 through /proc/self/clear_refs just before `generate()`) minus the resident set at that moment; on CUDA:
 `torch.cuda.max_memory_allocated()` minus the allocated bytes before `generate()`. So weights and inputs are
@@ -49,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -61,6 +69,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 LLAVA_POINTS = {"llava-576": 336, "llava-2304": 672, "llava-4624": 952}  # image px (14 px patches)
 CASES = [*LLAVA_POINTS, "vit-gpt2", "torch-decoder"]
+# glibc keeps freed memory instead of returning it to the system: on a shared CPU machine the page faults of
+# returned and re-touched buffers (seconds of system time per case) are most of the run-to-run noise
+STEADY = "glibc.malloc.trim_threshold=4000000000:glibc.malloc.mmap_threshold=4000000000"
 QUICK_CASES = ["llava-576", "llava-2304", "vit-gpt2", "torch-decoder"]
 
 
@@ -179,6 +190,34 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# seconds spent in the recorder's own work during the current run: inside attnhook's hooks (what it does per
+# call: positions, rows computed beside the call, checks, copies) or inside the floor's hook and wrapper
+OWN = [0.0]
+
+
+class own_time:
+    """While active, time spent inside attnhook.record's hooks is added to OWN[0]."""
+
+    def __enter__(self):
+        import importlib
+
+        self.cls = importlib.import_module("attnhook.record").record
+        self.real = {n: getattr(self.cls, n) for n in ("_before", "_after")}
+        for n, real in self.real.items():
+            def timed(recorder, *args, _real=real, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _real(recorder, *args, **kwargs)
+                finally:
+                    OWN[0] += time.perf_counter() - start
+            setattr(self.cls, n, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for n, real in self.real.items():
+            setattr(self.cls, n, real)
+
+
 def floor_run(case: Case, rows: str = "last"):
     """The least any recorder of every site could do: keep weights computed as one product and one softmax from
     the queries and keys each attention call hands its kernel (caught by a pass-through wrapper of
@@ -191,10 +230,13 @@ def floor_run(case: Case, rows: str = "last"):
     real, seen, kept = F.scaled_dot_product_attention, [], []
 
     def weights(q, k, last: bool):
+        start = time.perf_counter()
         n, h, length, d = q.shape
         q = q[:, :, -1:] if last else q
         scores = torch.bmm(q.reshape(n * h, q.shape[2], d), k.reshape(n * h, k.shape[2], d).transpose(1, 2))
-        return scores.mul_(d ** -0.5).softmax(-1).cpu()
+        out = scores.mul_(d ** -0.5).softmax(-1).cpu()
+        OWN[0] += time.perf_counter() - start
+        return out
 
     def sdpa(q, k, v, *args, **kwargs):
         if rows == "all" and k.shape[1] == q.shape[1]:  # grouped keys would need repeating: none here
@@ -230,7 +272,7 @@ def run_mode(case: Case, mode: str, device: str):
     try:
         if kwargs is None:
             return case.run(), None
-        with ah.record(case.model, **kwargs) as trace:
+        with own_time(), ah.record(case.model, **kwargs) as trace:
             tokens = case.run()
         return tokens, trace
     finally:
@@ -297,7 +339,10 @@ def measure_memory(case: Case, mode: str, device: str) -> dict:
 def memory_in_subprocess(name: str, mode: str, args) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, mode, "--device", args.device,
            "--dtype", args.dtype, "--tokens", str(args.tokens), "--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ}  # memory as the process has it by default: the steady allocator would keep the peak
+    env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                                     if t and t not in STEADY.split(":"))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("MEMORY "):
             return json.loads(line[len("MEMORY "):])
@@ -309,23 +354,28 @@ def memory_in_subprocess(name: str, mode: str, args) -> dict | None:
 def time_case(case: Case, repeats: int, device: str) -> dict:
     times = {m: [] for m in case.modes}
     cpu = {m: [] for m in case.modes}
+    own = {m: [] for m in case.modes}
     results = {}
     with torch.no_grad():  # not inference_mode: today's MHA adapter reads tensor versions, which it lacks
         for i in range(repeats + 1):  # round 0 warms up, untimed
-            for mode in case.modes:
+            order = list(case.modes)
+            random.Random(i).shuffle(order)  # no mode always runs right after another
+            for mode in order:
                 _sync(device)
+                OWN[0] = 0.0
                 start, start_cpu = time.perf_counter(), time.process_time()
                 results[mode] = run_mode(case, mode, device)
                 _sync(device)
                 if i:
                     times[mode].append(time.perf_counter() - start)
                     cpu[mode].append(time.process_time() - start_cpu)
+                    own[mode].append(OWN[0])
     reference = results[next(iter(case.modes))][0]
     out = {}
     for mode in case.modes:
         tokens, trace = results[mode]
         out[mode] = {"time": statistics.median(times[mode]), "cpu": statistics.median(cpu[mode]),
-                     "same": torch.equal(tokens.cpu(), reference.cpu())}
+                     "own": statistics.median(own[mode]), "same": torch.equal(tokens.cpu(), reference.cpu())}
         if trace is not None:
             out[mode].update(trace_bytes(trace, case.dtype))
     return out
@@ -336,7 +386,8 @@ def _mib(n) -> str:
 
 
 def print_table(rows: list[tuple[str, str, dict]]) -> None:
-    head = (f"{'case':<14}{'mode':<21}{'wall s':>8}{'x base':>8}{'cpu s':>8}{'x base':>8}{'peak MiB':>10}{'x base':>8}"
+    head = (f"{'case':<14}{'mode':<21}{'wall s':>8}{'x base':>8}{'cpu s':>8}{'x base':>8}{'own ms':>8}{'1+own':>7}"
+            f"{'peak MiB':>10}{'x base':>8}"
             f"{'peak/(base+need)':>17}{'need MiB':>10}{'kept MiB':>10}{'kept/need':>10}{'rows/site':>11}"
             f"{'tokens':>8}")
     print(head)
@@ -353,7 +404,8 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
         kept_need = f"{r['kept'] / r['need']:.1f}" if r.get("need") else "-"
         rows_site = f"{r['rows'][0]}-{r['rows'][1]}" if "rows" in r else "-"
         print(f"{case:<14}{mode:<21}{r['time']:>8.3f}{r['time'] / b['time']:>8.3f}{r['cpu']:>8.3f}"
-              f"{r['cpu'] / b['cpu']:>8.3f}{_mib(peak):>10}{x_peak:>8}"
+              f"{r['cpu'] / b['cpu']:>8.3f}{r['own'] * 1e3:>8.1f}{1 + r['own'] / b['time']:>7.3f}"
+              f"{_mib(peak):>10}{x_peak:>8}"
               f"{target:>17}{_mib(r.get('need')):>10}{_mib(r.get('kept')):>10}{kept_need:>10}{rows_site:>11}"
               f"{'same' if r['same'] else 'DIFF':>8}")
 
@@ -368,8 +420,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (1: steadiest)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-mode memory subprocesses")
+    parser.add_argument("--steady-malloc", action="store_true",
+                        help="rerun under an allocator that keeps freed memory (glibc): no page-fault churn")
     parser.add_argument("--_memory", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steady_malloc and STEADY not in os.environ.get("GLIBC_TUNABLES", ""):
+        env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), STEADY]))}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
     torch.set_num_threads(args.threads)
@@ -387,7 +444,8 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 5)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} thread(s)"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.device} ({device_name}), "
-          f"{args.dtype}, median of {repeats}")
+          f"{args.dtype}, median of {repeats}, modes in a shuffled order each round"
+          f"{', steady allocator' if STEADY in os.environ.get('GLIBC_TUNABLES', '') else ''}")
     table, described = [], []
     for name in cases:
         start = time.perf_counter()

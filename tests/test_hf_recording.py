@@ -104,6 +104,9 @@ def test_eager_model_keeps_eager_and_callers_get_weights_they_had():
     w = trace.weights("model.language_model.layers.0.self_attn")
     assert w.shape == (1, ids.shape[1], 4, ids.shape[1])
     torch.testing.assert_close(w, ref.attentions[0].transpose(1, 2), atol=1e-6, rtol=0)
+    out.attentions[0].zero_()  # the caller's weights are the caller's: the trace kept its own copy
+    torch.testing.assert_close(trace.weights("model.language_model.layers.0.self_attn"),
+                               ref.attentions[0].transpose(1, 2), atol=1e-6, rtol=0)
 
 
 def test_prefill_keeps_token_rows_unless_asked_for_all():

@@ -131,10 +131,10 @@ def _causal(lo: int, hi: int, keys: int, dtype: torch.dtype, device: torch.devic
     return mask
 
 
-def rows(seen: Seen, lo: int, hi: int, kt: torch.Tensor | None = None) -> torch.Tensor:
+def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
     """Weights `(batch, heads, hi - lo, S)` of query rows `lo:hi` from what the kernel was given: softmax(q k^T *
     scale + mask), with the kernel's causal mask when it applied one (float masks add, boolean ones keep
-    True). `kt`: the same keys laid out `(batch * heads, d, S)`, where the caller keeps them so."""
+    True)."""
     q, k, mask = seen.q, seen.k, seen.mask
     assert q is not None and k is not None and seen.scale is not None
     with torch.no_grad():
@@ -144,7 +144,7 @@ def rows(seen: Seen, lo: int, hi: int, kt: torch.Tensor | None = None) -> torch.
         # and heads merge without a copy in the layouts the module makes), the scale and an additive mask
         # applied by the same call, as the module's own weights path does (baddbmm)
         qr = q[:, :, lo:hi].reshape(n * h, l, d)
-        kt = k.reshape(n * h, keys, d).transpose(1, 2) if kt is None else kt
+        kt = k.reshape(n * h, keys, d).transpose(1, 2)
         if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
             mask = mask[..., lo:hi, :]  # the kept rows of a per-row mask
         add = None

@@ -87,20 +87,6 @@ def _cached(kind: str, m: nn.Module, key: torch.Tensor, params: tuple, make) -> 
     return made
 
 
-def _kernel_keys(m: nn.MultiheadAttention, key: torch.Tensor, seen: _torch_sdpa.Seen) -> torch.Tensor | None:
-    """The keys the kernel got, laid out `(batch * heads, head dim, keys)` and contiguous, kept for the next
-    calls with the same key tensor (a cross-attention's image features, at every step): a contiguous layout
-    makes the product with the kept rows about twice as fast as the kernel's strided one. None for inference
-    tensors (no version counter to tell that they did not change)."""
-    if key.is_inference():
-        return None
-    k = seen.k
-    assert k is not None
-    params = (m.in_proj_weight, m.k_proj_weight, m.in_proj_bias, m.bias_k)
-    n, h, s, d = k.shape
-    return _cached("kernel", m, key, params, lambda: k.reshape(n * h, s, d).transpose(1, 2).contiguous())
-
-
 def _laid_out(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               axis: int) -> torch.Tensor:
     """`F.linear(key, weight, bias)` as `(batch * heads, head dim, keys)`, contiguous."""
@@ -213,9 +199,9 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     m = cast(nn.MultiheadAttention, call.module)
     a = _bind(call)
     if seen is not None and seen.q is not None and _fits(call, seen):
-        key = a["key"]
-        cross = isinstance(key, torch.Tensor) and key is not a["query"]
-        return _torch_sdpa.rows(seen, lo, hi, _kernel_keys(m, key, seen) if cross else None)
+        # the kernel's own keys, as it read them a moment ago (a contiguous copy kept across calls was as fast
+        # in place: the copy is no nearer in the cache than the kernel's keys)
+        return _torch_sdpa.rows(seen, lo, hi)
     query, key = a["query"], a["key"]
     pad, mask = a.get("key_padding_mask"), a.get("attn_mask")
     d = m.embed_dim // m.num_heads

@@ -399,6 +399,8 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     """Weights of the kept query rows `lo:hi`, computed beside the call (or sliced from what it returned)."""
     parts, offset, keys = call.state["parts"], call.state["offset"], call.state["keys"]
     lo, hi = lo + offset, hi + offset
+    if any(p.weights is not None for p in parts):
+        call.state["shared"] = True  # slices of weights the model returns to its caller too: the trace copies
     if len(parts) == 1:
         return parts[0].rows(lo, hi)[..., :keys]
     whole = [p.rows(0, p.shape[2]) for p in parts]
