@@ -137,29 +137,31 @@ def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
     True)."""
     q, k, mask = seen.q, seen.k, seen.mask
     assert q is not None and k is not None and seen.scale is not None
-    with torch.no_grad():
-        n, h, _, d = q.shape
-        keys, l = k.shape[2], hi - lo
-        # one batched product of (N * H) small matrices, on views of the kernel's own queries and keys (batch
-        # and heads merge without a copy in the layouts the module makes), the scale and an additive mask
-        # applied by the same call, as the module's own weights path does (baddbmm)
-        qr = q[:, :, lo:hi].reshape(n * h, l, d)
-        kt = k.reshape(n * h, keys, d).transpose(1, 2)
-        if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
-            mask = mask[..., lo:hi, :]  # the kept rows of a per-row mask
-        add = None
-        if mask is not None and mask.dtype != torch.bool:
-            add, mask = mask, None
-        if seen.causal:
-            causal = _causal(lo, hi, keys, q.dtype, q.device)
-            add = causal if add is None else add + causal
-        if add is None:
-            scores = torch.bmm(qr, kt).mul_(seen.scale)
-        else:
-            if add.dim() == 4:
-                add = add.expand(n, h, l, keys).reshape(n * h, l, keys)
-            scores = torch.baddbmm(add, qr, kt, alpha=seen.scale)
-        scores = scores.view(n, h, l, keys)
-        if mask is not None:  # boolean: True takes part
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return scores.softmax(-1)
+    if torch.is_grad_enabled():  # a training step: the rows take no part in its graph
+        with torch.no_grad():
+            return rows(seen, lo, hi)
+    n, h, _, d = q.shape
+    keys, l = k.shape[2], hi - lo
+    # one batched product of (N * H) small matrices, on views of the kernel's own queries and keys (batch
+    # and heads merge without a copy in the layouts the module makes), the scale and an additive mask
+    # applied by the same call, as the module's own weights path does (baddbmm)
+    qr = q[:, :, lo:hi].reshape(n * h, l, d)
+    kt = k.reshape(n * h, keys, d).transpose(1, 2)
+    if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+        mask = mask[..., lo:hi, :]  # the kept rows of a per-row mask
+    add = None
+    if mask is not None and mask.dtype != torch.bool:
+        add, mask = mask, None
+    if seen.causal:
+        causal = _causal(lo, hi, keys, q.dtype, q.device)
+        add = causal if add is None else add + causal
+    if add is None:
+        scores = torch.bmm(qr, kt).mul_(seen.scale)
+    else:
+        if add.dim() == 4:
+            add = add.expand(n, h, l, keys).reshape(n * h, l, keys)
+        scores = torch.baddbmm(add, qr, kt, alpha=seen.scale)
+    scores = scores.view(n, h, l, keys)
+    if mask is not None:  # boolean: True takes part
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1)
