@@ -465,3 +465,45 @@ def test_grouped_query_rows_on_the_same_inputs_equal_the_eager_weights():
     ref, weights = layer(x, position, attention_mask=mask)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # sdpa ran inside the block, eager here
     torch.testing.assert_close(trace.weights(trace.sites[0]), weights.transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_an_attention_function_the_user_registered_runs_as_chosen_and_rows_follow_what_it_was_given():
+    """`AttentionInterface.register(name, fn)` + `attn_implementation=name`: recording keeps the user's function
+    (called as often, outputs bit-identical) and the rows equal the softmax of the queries and keys that
+    function received, computed in the test from inside the function (a reference independent of attnhook)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def mine(module, query, key, value, attention_mask, **kwargs):
+        if attention_mask is None and query.shape[2] > 1:  # what sdpa's is_causal applies (top left)
+            allowed = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool).tril()
+        else:
+            allowed = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool) if attention_mask is None \
+                else attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
+        k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        scores = (query @ k.transpose(2, 3)) * kwargs.get("scaling", module.scaling)
+        seen.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1)[:, :, -1].detach())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("attnhook_test_mine", mine)
+    try:
+        case = llava()
+        model = case.model
+        model.set_attn_implementation({"text_config": "attnhook_test_mine"})
+        ref = model.generate(**case.inputs, **GREEDY)
+        calls = len(seen)
+        seen.clear()
+        with ah.record(model, sites="model.language_model.layers.0.self_attn") as trace:
+            out = model.generate(**case.inputs, **GREEDY)
+        assert len(seen) == calls  # the user's function, as often as without attnhook
+        assert torch.equal(out.sequences, ref.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores, strict=True))
+        w = trace.weights(trace.sites[0])  # (batch, steps, heads, keys)
+        layer0 = seen[::2]  # two language-model layers: layer 0 is every other call
+        assert w.shape[1] == len(layer0)
+        for step, expected in enumerate(layer0):
+            torch.testing.assert_close(w[:, step, :, :expected.shape[-1]], expected, atol=1e-6, rtol=0)
+        assert unpatched()
+    finally:
+        AttentionInterface._global_mapping.pop("attnhook_test_mine", None)
