@@ -32,8 +32,10 @@ than the difference of two wall times on a shared machine (the rest is what the 
 `--steady-malloc` reruns the benchmark with glibc keeping freed memory: on a shared CPU machine the page faults
 of memory returned to the system and touched again (seconds of system time per case) are most of the noise.
 
-Peak memory: each mode runs once more in a fresh subprocess. On CPU: the peak resident set (VmHWM, reset
-through /proc/self/clear_refs just before `generate()`) minus the resident set at that moment; on CUDA:
+Peak memory: each mode runs twice more in a fresh subprocess, measured the second time (the first pays
+imports and other one-time costs). On CPU, with glibc set to map every buffer over 64 KiB on its own and return
+it when freed (so the resident set follows the live tensors): the peak resident set (VmHWM, reset through
+/proc/self/clear_refs just before `generate()`) minus the resident set at that moment; on CUDA:
 `torch.cuda.max_memory_allocated()` minus the allocated bytes before `generate()`. So weights and inputs are
 not counted, only what the run adds. `peak/(base+need)` is the recorded peak over the unrecorded peak plus
 the bytes the trace needs: the target of issue 11 is at most 1.1.
@@ -72,6 +74,9 @@ CASES = [*LLAVA_POINTS, "vit-gpt2", "torch-decoder"]
 # glibc keeps freed memory instead of returning it to the system: on a shared CPU machine the page faults of
 # returned and re-touched buffers (seconds of system time per case) are most of the run-to-run noise
 STEADY = "glibc.malloc.trim_threshold=4000000000:glibc.malloc.mmap_threshold=4000000000"
+# for the memory subprocesses: every buffer over 64 KiB mapped on its own and returned when freed (a fixed
+# threshold: glibc's default raises it after the first large free, and then keeps freed buffers resident)
+MEMORY_MALLOC = "glibc.malloc.mmap_threshold=65536"
 QUICK_CASES = ["llava-576", "llava-2304", "vit-gpt2", "torch-decoder"]
 
 
@@ -313,9 +318,15 @@ def _vm(field_name: str) -> int:
 
 
 def measure_memory(case: Case, mode: str, device: str) -> dict:
-    """Peak bytes one run of `mode` adds over what is allocated just before it (call in a fresh process)."""
+    """Peak bytes the second run of `mode` adds over what is allocated just before it (call in a fresh
+    process)."""
     import gc
 
+    # a first run, not measured: imports, source read for the eager fallbacks, library workspaces and other
+    # one-time costs are not what a recording costs per run (on CPU the subprocess's allocator returns every
+    # freed buffer over 64 KiB to the system at once, so what that run freed is not resident any more)
+    warm = run_mode(case, mode, device)
+    del warm
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -339,9 +350,9 @@ def measure_memory(case: Case, mode: str, device: str) -> dict:
 def memory_in_subprocess(name: str, mode: str, args) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, mode, "--device", args.device,
            "--dtype", args.dtype, "--tokens", str(args.tokens), "--threads", str(args.threads)]
-    env = {**os.environ}  # memory as the process has it by default: the steady allocator would keep the peak
-    env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
-                                     if t and t not in STEADY.split(":"))
+    env = {**os.environ}  # large buffers mapped and unmapped one by one: the resident set follows what is live
+    env["GLIBC_TUNABLES"] = ":".join([*(t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                                        if t and t not in STEADY.split(":")), MEMORY_MALLOC])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith("MEMORY "):

@@ -507,3 +507,36 @@ def test_an_attention_function_the_user_registered_runs_as_chosen_and_rows_follo
         assert unpatched()
     finally:
         AttentionInterface._global_mapping.pop("attnhook_test_mine", None)
+
+
+def test_the_tensors_of_a_site_the_recording_drops_are_let_go_when_its_call_ends(monkeypatch):
+    """sites="cross" plans every site (a site's kind shows at its first call); the vision tower's layers turn
+    out to be self-attention and are dropped. Their queries, keys and values, handed to their slots on the
+    way, go when each call ends: none is alive once the decoder runs (the tower runs once per generation, so
+    waiting for its next call would keep them all to the end of the block)."""
+    import gc
+    import weakref
+
+    case = ved_gpt2()
+    model = case.model
+    real = torch.nn.functional.scaled_dot_product_attention
+    encoding, refs, alive = [False], [], []
+
+    def spy(query, key, value, *args, **kwargs):
+        if encoding[0]:
+            refs.extend(weakref.ref(t) for t in (query, key, value))
+        return real(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model.encoder.register_forward_pre_hook(lambda *_: encoding.__setitem__(0, True))
+    model.encoder.register_forward_hook(lambda *_: encoding.__setitem__(0, False))
+
+    def decoding(*_):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+
+    model.decoder.lm_head.register_forward_hook(decoding)
+    with ah.record(model, sites="cross") as trace:
+        model.generate(**case.inputs, **GREEDY)
+    assert refs and alive and max(alive) == 0
+    assert trace.sites and all(s.kind == "cross" for s in trace.sites)

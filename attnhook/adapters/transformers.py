@@ -155,16 +155,28 @@ class _Recording(ImageInputs):
     def _add_slot(self, site: nn.Module, slot: _Slot) -> None:
         self.slots[site] = slot
 
+        def release() -> None:
+            slot.released = True
+            for module in [m for m, s in self.plan.callers.items() if s is slot]:
+                del self.plan.callers[module]  # nothing is seen beside it any more
+            slot.parts.clear()
+
         def fresh(*_):
             if not self.mine():
                 return  # another thread's call: its attention is not seen, and this thread's is not touched
-            if slot.parts:  # the last call was never read: the recorder dropped the site (not the kind asked)
-                slot.released = True
-                for module in [m for m, s in self.plan.callers.items() if s is slot]:
-                    del self.plan.callers[module]  # nothing is seen beside it any more
-            slot.parts.clear()
+            if slot.parts:  # the last call was never read (it raised midway)
+                release()
+
+        def done(*_):
+            # after the recorder's own hook (prepended): parts it did not take are a call it does not record
+            # (the recorder dropped the site, not of the kind asked); let them go now, not at the site's next
+            # call, which a vision tower called once per run never makes (its queries, keys and values would
+            # stay alive to the end of the block)
+            if self.mine() and slot.parts:
+                release()
 
         self.handles.append(site.register_forward_pre_hook(fresh, prepend=True))
+        self.handles.append(site.register_forward_hook(done))
 
     def _owners(self, site: nn.Module) -> list[nn.Module]:
         """The `PreTrainedModel`s that hold `site`, nearest first."""
