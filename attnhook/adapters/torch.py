@@ -47,7 +47,7 @@ def _bind(call: Call) -> dict:
 # projected keys of the key tensors still alive, laid out for the score product, `(batch * heads, head dim,
 # keys)`: a cross-attention's image features are the same tensor at every step of a run, so they are projected
 # once (checked by identity, the tensor's version and the weight's; an entry goes when its tensor is freed)
-_KEYS: dict[tuple, tuple] = {}
+_KEYS: dict[tuple[int, int], tuple] = {}
 
 
 # per module, the last keys projected and their projection: a loop that reruns the prefix gives keys whose
@@ -59,32 +59,26 @@ _PREFIX: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictiona
 def _project_keys(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   axis: int) -> torch.Tensor:
     """The keys projected and laid out `(batch * heads, head dim, keys)` (`axis`: the key axis of `key`)."""
+    # weight and bias may be slices of the packed projection: their versions are the parameters'
     if key.is_inference():  # no version counter: only the prefix check, which compares values, applies
         return _extend(m, key, weight, bias, axis)
-    return _cached("projected", m, key, (weight, bias), lambda: _extend(m, key, weight, bias, axis))
-
-
-def _cached(kind: str, m: nn.Module, key: torch.Tensor, params: tuple, make) -> torch.Tensor:
-    """`make()`, kept for the key tensor `key` of module `m` while the tensor lives and neither it nor `params`
-    (the tensors the result depends on) changed: checked by identity, shape and version counters."""
-    # weights may be slices of the packed projection: their versions are the parameters'
-    stamp = (key._version, tuple(key.shape), *(None if p is None else p._version for p in params))
-    ident = (id(key), id(m), kind)  # one image's features feed every layer: one entry per (tensor, module)
+    stamp = (key._version, id(m), weight._version, None if bias is None else bias._version, tuple(key.shape))
+    ident = (id(key), id(m))  # one image's features feed every layer: one entry per (tensor, module)
     hit = _KEYS.get(ident)
     if hit is not None and hit[0]() is key and hit[1] == stamp:
         return hit[2]
-    made = make()
+    projected = _extend(m, key, weight, bias, axis)
 
-    def forget(r: weakref.ref, ident: tuple = ident) -> None:
+    def forget(r: weakref.ref, ident: tuple[int, int] = ident) -> None:
         if _KEYS.get(ident, (None,))[0] is r:
             _KEYS.pop(ident, None)
 
     try:
         ref = weakref.ref(key, forget)
     except TypeError:  # cannot be weakly referenced: no reuse
-        return made
-    _KEYS[ident] = (ref, stamp, made)
-    return made
+        return projected
+    _KEYS[ident] = (ref, stamp, projected)
+    return projected
 
 
 def _laid_out(m: nn.Module, key: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -196,12 +190,12 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     those queries and the keys (no values, no output projection; the keys once per key tensor). Where the
     module's own kernel call was seen (`_torch_sdpa`), from the queries, keys and mask it was given instead."""
     seen = call.state.get("sdpa")
-    m = cast(nn.MultiheadAttention, call.module)
-    a = _bind(call)
     if seen is not None and seen.q is not None and _fits(call, seen):
         # the kernel's own keys, as it read them a moment ago (a contiguous copy kept across calls was as fast
         # in place: the copy is no nearer in the cache than the kernel's keys)
         return _torch_sdpa.rows(seen, lo, hi)
+    m = cast(nn.MultiheadAttention, call.module)
+    a = _bind(call)
     query, key = a["query"], a["key"]
     pad, mask = a.get("key_padding_mask"), a.get("attn_mask")
     d = m.embed_dim // m.num_heads
