@@ -266,21 +266,28 @@ class record:
         return kind
 
     def _before(self, name: str, spec, module, args, kwargs):
-        if not self._mine():
+        if threading.get_ident() != self._thread and not self._mine():
             return None
         call = Call(module, args, kwargs)
-        kind = self._resolve(name, spec, call)
+        kind = self._kinds[name]
+        if kind == "auto":
+            kind = self._resolve(name, spec, call)
         if name not in self.selected:
             if kind == "self" and spec.lengths is not None:
                 self._watch(name, spec, call)
             return None
-        call.state["start"] = spec.start(call) if spec.start is not None else None
-        call.state["valid"] = spec.valid(call) if spec.valid is not None and kind == "self" else None
-        call.state["query"] = spec.query(call) if spec.query is not None else None
-        call.state["memory"] = spec.memory(call) if spec.memory is not None else None
+        state = call.state
+        state["start"] = spec.start(call) if spec.start is not None else None
+        state["valid"] = spec.valid(call) if spec.valid is not None and kind == "self" else None
+        state["query"] = spec.query(call) if spec.query is not None else None
+        if spec.memory is not None and self._tracker.wants_memory(kind):  # only a fingerprint reads it
+            state["memory"] = spec.memory(call)
         if spec.force is not None:
             spec.force(call)
-        self._calls.setdefault(name, []).append(call)
+        stack = self._calls.get(name)
+        if stack is None:
+            stack = self._calls[name] = []
+        stack.append(call)
         return call.args, call.kwargs
 
     def _watch(self, name: str, spec, call: Call) -> None:
@@ -295,7 +302,7 @@ class record:
 
     def _after(self, name: str, spec, module, args, kwargs, output):
         stack = self._calls.get(name)
-        if not stack or not self._mine():
+        if not stack or (threading.get_ident() != self._thread and not self._mine()):
             return None  # selected only after this call began (kind resolved late): nothing was forced
         call = stack.pop()
         call.output = output
@@ -307,7 +314,7 @@ class record:
             self._checked.add(name)
             weights = _calls.as_rows(spec, name, spec.read(call), first, self._tree.training(module))
         with self._lock:
-            self._place(name, self._event(name, call, weights), weights)
+            self._place(name, self._event(name, spec, call, weights), weights)
         if spec.force is not None and spec.restore is not None:
             return spec.restore(call)
         return None
@@ -323,11 +330,16 @@ class record:
             self._held.clear()
 
     # --- rows ----------------------------------------------------------------------------------------
-    def _event(self, name: str, call: Call, weights: torch.Tensor) -> Event:
+    def _event(self, name: str, spec, call: Call, weights: torch.Tensor) -> Event:
         batch, _, queries, keys = weights.shape
         kind = self._kinds[name]
-        query, memory = call.state.get("query"), call.state.get("memory")
-        if query is None or memory is None:
+        state = call.state
+        # the keys are read only when a fingerprint of them decides anything (no self-attention yet in the run)
+        wants = self._tracker.wants_memory(kind)
+        query, memory = state.get("query"), None
+        if wants:
+            memory = state["memory"] if "memory" in state else spec.memory(call) if spec.memory is not None else None
+        if query is None or (wants and memory is None):
             q, m = _calls.guess_tensors(call, batch, queries, keys)
             query, memory = query if query is not None else q, memory if memory is not None else m
         same = None
@@ -335,9 +347,8 @@ class record:
             previous = self._queries.get(name)
             same = previous is not None and previous() is query
             self._queries[name] = weakref.ref(query)
-        print_ = _calls.fingerprint(memory) if memory is not None and self._tracker.wants_memory(kind) else None
-        return Event(name, kind, batch, queries, keys, call.state.get("start"), call.state.get("valid"), same,
-                     print_)
+        print_ = _calls.fingerprint(memory) if wants and memory is not None else None
+        return Event(name, kind, batch, queries, keys, state.get("start"), state.get("valid"), same, print_)
 
     def _sync(self) -> None:
         """Follow `trace.new_sequence()` called by the user between calls."""
@@ -393,14 +404,18 @@ class record:
             kept.copy_(rows.detach(), non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-            self.trace.add_rows(name, placement.first, kept, call=placement.call, ready=ready)
+            self.trace._append(name, placement.first, placement.call, kept, ready)
             return
         # a copy, so that the trace holds only its rows (not a larger matrix they are a view of) and nothing
         # another holder could change; rows a built-in spec just computed beside the call, kept whole, are
         # already that (an encoder layer's rows, every row of a call: a copy as large as the weights)
-        own = isinstance(weights, _Beside) and weights.fresh(rows)
-        kept = rows.detach().to(self.device, dtype, copy=not own, memory_format=torch.contiguous_format)
-        self.trace.add_rows(name, placement.first, kept, call=placement.call)
+        if isinstance(weights, _Beside) and weights.fresh(rows):
+            kept = rows.detach().to(self.device, dtype, memory_format=torch.contiguous_format)
+        elif rows.dtype == dtype and rows.device == self.device:
+            kept = rows.detach().clone(memory_format=torch.contiguous_format)  # the common case, one kernel
+        else:
+            kept = rows.detach().to(self.device, dtype, copy=True, memory_format=torch.contiguous_format)
+        self.trace._append(name, placement.first, placement.call, kept)
 
     def _say(self) -> None:
         """Keep every note in the trace; warn once per kind of note (quiet ones are only kept)."""
@@ -444,12 +459,13 @@ class _Beside:
         self.spec, self.name, self.call, self.recorder = spec, name, call, recorder
         self.shape = torch.Size(spec.shape(call))
         self.dtype = _calls.dtype_of(call)
+        self._block: tuple[int, torch.Tensor] | None = None  # the rows computed so far: (first row, rows)
 
     def __getitem__(self, index) -> torch.Tensor:
-        rows = index[2] if isinstance(index, tuple) and len(index) == 3 else None
-        if isinstance(rows, int):
+        rows = index[2] if type(index) is tuple and len(index) == 3 else None
+        if type(rows) is int:
             return self._compute(rows, rows + 1)[:, :, 0]
-        if isinstance(rows, slice) and rows.step in (None, 1):
+        if type(rows) is slice and rows.step in (None, 1):
             lo, hi, _ = rows.indices(self.shape[2])
             return self._compute(lo, max(lo, hi))
         raise TypeError(f"weights computed beside the call take [:, :, rows], got {index!r}")
@@ -457,7 +473,7 @@ class _Beside:
     def fresh(self, rows: torch.Tensor) -> bool:
         """Whether `rows` is the whole of a block a built-in spec computed here, held by nothing else (not
         weights the module also returned: the call's state says `shared`)."""
-        block = getattr(self, "_block", None)
+        block = self._block
         if block is None or id(self.spec) not in _BUILTINS or self.call.state.get("shared", False):
             return False
         b = block[1]
@@ -465,8 +481,10 @@ class _Beside:
                 and b.untyped_storage().nbytes() == b.numel() * b.element_size())
 
     def _compute(self, lo: int, hi: int) -> torch.Tensor:
-        block = getattr(self, "_block", None)
+        block = self._block
         if block is not None and block[0] <= lo and hi <= block[0] + block[1].shape[2]:
+            if lo == block[0] and hi == block[0] + block[1].shape[2]:
+                return block[1]
             return block[1][:, :, lo - block[0]: hi - block[0]]
         want = hi
         if hi == lo + 1 and self.shape[2] - lo <= 8:
@@ -478,9 +496,12 @@ class _Beside:
         state = self.call.state
         kind = (self.spec.name, id(self.spec), type(self.call.module), bool(state.get("training", False)))
         first = kind not in _CHECKED_BESIDE
-        weights = _calls.as_rows(self.spec, self.name, weights, first, state.get("training", False),
-                                 state.get("sinks", False))
-        _CHECKED_BESIDE.add(kind)  # only once the check passed: a refused class is refused every time
+        if first or id(self.spec) not in _BUILTINS or type(weights) is not torch.Tensor or weights.dim() != 4:
+            weights = _calls.as_rows(self.spec, self.name, weights, first, state.get("training", False),
+                                     state.get("sinks", False))
+            _CHECKED_BESIDE.add(kind)  # only once the check passed: a refused class is refused every time
+        elif weights.requires_grad:  # sliced from weights a module in training returned to its caller
+            weights = weights.detach()
         self._block = (lo, weights)
         return weights[:, :, : want - lo]
 

@@ -324,7 +324,16 @@ class Trace:
         if not (isinstance(rows, torch.Tensor) and rows.dim() == 4):
             raise RecordingError(f"add_rows() takes rows of shape (batch, heads, n, keys), got "
                                  f"{getattr(rows, 'shape', type(rows).__name__)}.")
-        self._chunks.setdefault((name, self._seq), []).append(_Chunk(int(start), int(call), rows))
+        self._append(name, int(start), int(call), rows, ready)
+
+    def _append(self, name: str, start: int, call: int, rows: torch.Tensor,
+                ready: torch.cuda.Event | None = None) -> None:
+        """`add_rows` for the recorder, whose site, ints and rows are already checked."""
+        key = (name, self._seq)
+        chunks = self._chunks.get(key)
+        if chunks is None:
+            chunks = self._chunks[key] = []
+        chunks.append(_Chunk(start, call, rows))
         if ready is not None:
             self._inflight.append(ready)
 

@@ -113,13 +113,15 @@ def _lengths(call: Call) -> tuple[int, int, int] | None:
     """Where a watched (unrecorded) call stands. Only a module whose own layer of the cache has been seen to
     hold tokens says it: a vision tower carries no cache, and a linear-attention layer of a hybrid stack
     gets the cache but its layer stays empty (length 0 at every step) — neither is evidence."""
-    h = _hidden(call)
     start = _past_length(call) if _kind(call) == "self" else None
+    if start is None:  # no cache in the call (a vision tower): no evidence, and nothing to note
+        return None
     plan = plan_of(call.module)
     caching = plan.caching if plan is not None else set()  # modules whose layer of the cache held tokens
     if start:
         caching.add(call.module)
-    if h is None or start is None or call.module not in caching:
+    h = _hidden(call)
+    if h is None or call.module not in caching:
         return None
     batch, queries = (h.shape[0], h.shape[1]) if h.dim() >= 3 else (1, h.shape[0])
     return batch, queries, start + queries

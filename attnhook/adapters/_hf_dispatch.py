@@ -16,6 +16,7 @@ and calls from other threads run the original function without a look at any pla
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import re
@@ -212,13 +213,19 @@ def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
             return value[:, :, lo:hi]
         return value
 
-    kwargs = {k: rows_of(v) for k, v in part.kwargs.items()}
-    args = tuple(rows_of(a) for a in part.args)
+    if queries > 1:
+        kwargs = {k: rows_of(v) for k, v in part.kwargs.items()}
+        args = tuple(rows_of(a) for a in part.args)
+    else:  # one query: no per-row bias to cut
+        kwargs, args = dict(part.kwargs), part.args
     if "dropout" in kwargs:
         kwargs["dropout"] = 0.0  # the probabilities, before dropout; dropout with p=0 draws no random numbers
     if "output_attentions" in kwargs or _takes(part.eager, "output_attentions"):
         kwargs["output_attentions"] = True  # some eager functions (CLIP in transformers 4) drop them otherwise
-    with torch.no_grad(), _evaluating(part.module):
+    # no graph and the module in eval() mode for the side computation only (no context switches when the
+    # model already runs so: this runs once per recorded call)
+    with (torch.no_grad() if torch.is_grad_enabled() else _NOTHING), \
+            (_evaluating(part.module) if part.module.training else _NOTHING):
         if not args and isinstance(kwargs.get("scaling"), float) and _standard(part.eager):
             return _grouped(query, part.key, mask, kwargs["scaling"])
         weights = _weights_of(part, query, mask, args, kwargs)
@@ -229,6 +236,8 @@ def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
             "record(model, sites=...), or describe it with an AttentionSpec.")
     return weights
 
+
+_NOTHING = contextlib.nullcontext()
 
 # eager function -> whether it gives the same weights with values of no width (checked on its first call)
 _NARROW: dict[Any, bool] = {}
@@ -330,13 +339,18 @@ class _evaluating:
             m.training = True
 
 
+_LOWEST: dict[torch.dtype, float] = {}
+
+
 def eager_mask(mask, query: torch.Tensor, key: torch.Tensor, lo: int, hi: int, module, kwargs) -> torch.Tensor | None:
     """The mask of rows `lo:hi` in the eager format (additive, 0 where attended, the dtype's min elsewhere),
     from the mask the model built for its implementation (sdpa's boolean 4D mask or None, flash's 2D padding
     mask, or an additive mask)."""
     queries, keys = query.shape[2], key.shape[2]
     dtype = query.dtype
-    low = torch.finfo(dtype).min
+    low = _LOWEST.get(dtype)
+    if low is None:
+        low = _LOWEST[dtype] = torch.finfo(dtype).min
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     if mask is None:

@@ -54,9 +54,13 @@ def _wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
     return _ORIGINAL(*args, **kwargs)
 
 
+_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
 def _keep(seen: Seen, args: tuple, kwargs: dict) -> None:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-    given = {**dict(zip(names, args)), **kwargs}
+    given = dict(zip(_NAMES, args))
+    if kwargs:
+        given.update(kwargs)
     q, k = given.get("query"), given.get("key")
     mask = given.get("attn_mask")
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4

@@ -24,6 +24,9 @@ from . import _torch_sdpa
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 _NAMES = tuple(list(_SIGNATURE.parameters)[1:])  # query, key, value, key_padding_mask, need_weights, ...
 _DEFAULTS = {n: p.default for n, p in _SIGNATURE.parameters.items() if p.default is not inspect.Parameter.empty}
+# for a call with `i` positional arguments: the names they fill, and the names without a default after them
+_TAKEN = [frozenset(_NAMES[:i]) for i in range(len(_NAMES) + 1)]
+_NEEDED = [frozenset(n for n in _NAMES[i:] if n not in _DEFAULTS) for i in range(len(_NAMES) + 1)]
 
 
 def _bind(call: Call) -> dict:
@@ -33,8 +36,9 @@ def _bind(call: Call) -> dict:
     arguments = call.state.get("arguments")
     if arguments is None:
         args, kwargs = call.args, call.kwargs
-        if len(args) <= len(_NAMES) and all(k in _DEFAULTS and k not in _NAMES[:len(args)] for k in kwargs) and \
-                all(n in kwargs or n in _DEFAULTS for n in _NAMES[len(args):]):
+        n = len(args)
+        if n <= len(_NAMES) and kwargs.keys() <= _DEFAULTS.keys() and not kwargs.keys() & _TAKEN[n] and \
+                _NEEDED[n] <= kwargs.keys():
             arguments = {**_DEFAULTS, **dict(zip(_NAMES, args)), **kwargs}
         else:  # anything unusual: the signature's own binding (and its TypeError for a call that cannot bind)
             bound = _SIGNATURE.bind(call.module, *args, **kwargs)
@@ -266,9 +270,13 @@ def _close(call: Call) -> None:
 
 def _shape(call: Call) -> tuple[int, int, int, int]:
     """(batch, heads, queries, keys) of the weights the call computes (bias_k and a zero key add one each)."""
-    batch, queries, keys = _lengths(call)
-    m = cast(nn.MultiheadAttention, call.module)
-    return batch, m.num_heads, queries, keys + (m.bias_k is not None) + bool(m.add_zero_attn)
+    shape = call.state.get("shape")
+    if shape is None:
+        batch, queries, keys = _lengths(call)
+        m = cast(nn.MultiheadAttention, call.module)
+        shape = call.state["shape"] = (batch, m.num_heads, queries,
+                                       keys + (m.bias_k is not None) + bool(m.add_zero_attn))
+    return shape
 
 
 MULTIHEAD_ATTENTION = AttentionSpec(

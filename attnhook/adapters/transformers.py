@@ -29,8 +29,8 @@ from torch import nn
 from ..errors import RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
 from . import _hf_dispatch
-from ._hf_call import (_CACHE_ARGS, _appends_weights, _arg, _heads, _kind, _lengths, _params, _sdpa_only,
-                       _source, _start, _uses_interface, _wraps_mha)
+from ._hf_call import (_CACHE_ARGS, _appends_weights, _arg, _heads, _hidden, _kind, _lengths, _params,
+                       _sdpa_only, _source, _start, _uses_interface, _wraps_mha)
 from ._hf_dispatch import Part, plan_of
 from ._hf_inputs import ImageInputs
 
@@ -414,7 +414,8 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     if any(p.weights is not None for p in parts):
         call.state["shared"] = True  # slices of weights the model returns to its caller too: the trace copies
     if len(parts) == 1:
-        return parts[0].rows(lo, hi)[..., :keys]
+        rows = parts[0].rows(lo, hi)
+        return rows if rows.shape[-1] == keys else rows[..., :keys]
     whole = [p.rows(0, p.shape[2]) for p in parts]
     if not call.state["packed"]:
         return torch.cat(whole, dim=2)[:, :, lo:hi, :keys]
@@ -443,6 +444,7 @@ TRANSFORMERS = AttentionSpec(
     heads=_heads,
     lengths=_lengths,
     start=_start,
+    query=_hidden,
     prepare=_prepare,
 )
 
