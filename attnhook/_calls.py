@@ -123,13 +123,11 @@ def compare(held: torch.Tensor | None, new: torch.Tensor, loose: bool) -> Litera
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
-    """`torch.allclose(a, b, rtol, atol)` for same-shape float tensors of probabilities, in three kernels
-    instead of a dozen (this runs once per recorded call of a loop that reruns its prefix): `rtol * b` stands
-    for `rtol * |b|`, which differs only where `b < 0`, and held rows are at least -1e-4 (the probability
-    check), so the bound moves by at most `2e-4 * rtol`, far under `atol`. NaN where both hold NaN counts as
-    equal, as the rows of a fully masked query are NaN in both."""
-    if torch.equal(a, b):
-        return True
+    """`torch.allclose(a, b, rtol, atol)` for same-shape float tensors of probabilities, in four kernels and
+    one value read back (this runs once per recorded call of a loop that reruns its prefix; on a GPU each read
+    waits for the queued work): `rtol * b` stands for `rtol * |b|`, which differs only where `b < 0`, and held
+    rows are at least -1e-4 (the probability check), so the bound moves by at most `2e-4 * rtol`, far under
+    `atol`. NaN where both hold NaN counts as equal, as the rows of a fully masked query are NaN in both."""
     excess = torch.sub(a, b).abs_().sub_(b, alpha=rtol)
     worst = excess.max().item()
     if worst <= atol:

@@ -185,6 +185,7 @@ class record:
         self._epoch = 0
         self._held: dict[str, tuple[Event, torch.Tensor]] = {}
         self._queries: dict[str, weakref.ref] = {}
+        self._prints: dict[str, tuple] = {}  # site -> (weakref to its keys, their version, their fingerprint)
         self._checked: set[str] = set()
         self._warned: set[str] = set()
         self._lock = threading.RLock()
@@ -236,14 +237,12 @@ class record:
             self.trace._settle()  # rows copied from a GPU are all on the host when the block ends
 
     # --- hooks ---------------------------------------------------------------------------------------
-    def _mine(self) -> bool:
-        """Only calls from the thread that entered the block are recorded; others run untouched."""
-        if threading.get_ident() == self._thread:
-            return True
+    def _foreign(self) -> None:
+        """A call from another thread than the one that entered the block: only the block's own thread is
+        recorded; others run untouched (said once)."""
         self._warn_once("thread", f"attnhook.record(): {type(self.model).__name__} was called from another thread "
                         "while this thread records it; those calls run untouched and are not recorded. Record "
                         "from the thread that runs the model.")
-        return False
 
     def _resolve(self, name: str, spec, call: Call) -> str:
         kind = self._kinds[name]
@@ -266,8 +265,8 @@ class record:
         return kind
 
     def _before(self, name: str, spec, module, args, kwargs):
-        if threading.get_ident() != self._thread and not self._mine():
-            return None
+        if threading.get_ident() != self._thread:
+            return self._foreign()
         call = Call(module, args, kwargs)
         kind = self._kinds[name]
         if kind == "auto":
@@ -302,8 +301,10 @@ class record:
 
     def _after(self, name: str, spec, module, args, kwargs, output):
         stack = self._calls.get(name)
-        if not stack or (threading.get_ident() != self._thread and not self._mine()):
+        if not stack:
             return None  # selected only after this call began (kind resolved late): nothing was forced
+        if threading.get_ident() != self._thread:
+            return self._foreign()
         call = stack.pop()
         call.output = output
         weights: Any
@@ -314,7 +315,7 @@ class record:
             self._checked.add(name)
             weights = _calls.as_rows(spec, name, spec.read(call), first, self._tree.training(module))
         with self._lock:
-            self._place(name, self._event(name, spec, call, weights), weights)
+            self._place(name, self._event(name, call, weights), weights)
         if spec.force is not None and spec.restore is not None:
             return spec.restore(call)
         return None
@@ -330,15 +331,13 @@ class record:
             self._held.clear()
 
     # --- rows ----------------------------------------------------------------------------------------
-    def _event(self, name: str, spec, call: Call, weights: torch.Tensor) -> Event:
+    def _event(self, name: str, call: Call, weights: torch.Tensor) -> Event:
         batch, _, queries, keys = weights.shape
         kind = self._kinds[name]
         state = call.state
         # the keys are read only when a fingerprint of them decides anything (no self-attention yet in the run)
         wants = self._tracker.wants_memory(kind)
-        query, memory = state.get("query"), None
-        if wants:
-            memory = state["memory"] if "memory" in state else spec.memory(call) if spec.memory is not None else None
+        query, memory = state.get("query"), state.get("memory") if wants else None  # (read in _before)
         if query is None or (wants and memory is None):
             q, m = _calls.guess_tensors(call, batch, queries, keys)
             query, memory = query if query is not None else q, memory if memory is not None else m
@@ -347,8 +346,20 @@ class record:
             previous = self._queries.get(name)
             same = previous is not None and previous() is query
             self._queries[name] = weakref.ref(query)
-        print_ = _calls.fingerprint(memory) if wants and memory is not None else None
+        print_ = self._fingerprint(name, memory) if wants and memory is not None else None
         return Event(name, kind, batch, queries, keys, state.get("start"), state.get("valid"), same, print_)
+
+    def _fingerprint(self, name: str, memory: torch.Tensor) -> tuple:
+        """The keys' fingerprint, read back from the device only when they are not the very tensor (unchanged)
+        of the site's previous call: a loop over one image's features reads it once, not at every step."""
+        last = self._prints.get(name)
+        version = None if memory.is_inference() else memory._version
+        if last is not None and version is not None and last[0]() is memory and last[1] == version:
+            return last[2]
+        fingerprint = _calls.fingerprint(memory)
+        if version is not None:
+            self._prints[name] = (weakref.ref(memory), version, fingerprint)
+        return fingerprint
 
     def _sync(self) -> None:
         """Follow `trace.new_sequence()` called by the user between calls."""

@@ -21,6 +21,9 @@ untimed warm-up round first), median wall time and process CPU time reported (on
 of one thread is the steadier of the two; on CUDA read the wall time):
 
 * `sdpa` / `baseline`: as loaded (transformers' default attention), nothing recorded: the reference;
+* `sdpa again (A/A)` / `baseline again (A/A)`: the reference once more, as a mode of its own: its ratio to the
+  reference is this machine's noise in this run (a difference smaller than its distance from 1.000 is not
+  resolved);
 * `eager`: the recorded sub-model switched to eager attention (llava: the language model only; vit-gpt2: both),
   nothing recorded: what forcing eager costs by itself;
 * `attnhook ...`: as loaded, inside `attnhook.record(model, sites=...)`.
@@ -140,7 +143,7 @@ def build_llava(name: str, tokens: int, device: str, dtype: torch.dtype) -> Case
     inputs = {"pixel_values": torch.randn(1, 3, px, px, generator=gen).to(device=device, dtype=dtype),
               "input_ids": ids, "attention_mask": torch.ones_like(ids)}
     options = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False}
-    modes = {"sdpa": ("sdpa", None), "eager": ({"text_config": "eager"}, None),
+    modes = {"sdpa": ("sdpa", None), "sdpa again (A/A)": ("sdpa", None), "eager": ({"text_config": "eager"}, None),
              "attnhook LM self": ("sdpa", {"sites": "model.language_model.*"})}
     return Case(name, model, lambda: model.generate(**inputs, **options), modes,
                 f"Llava, CLIP 4 x 256 + Llama 6 x 512, {n_image} image tokens (prompt {ids.shape[1]}), "
@@ -160,7 +163,8 @@ def build_vit_gpt2(name: str, tokens: int, device: str, dtype: torch.dtype) -> C
     gen = torch.Generator().manual_seed(1)
     inputs = {"pixel_values": torch.randn(1, 3, 224, 224, generator=gen).to(device=device, dtype=dtype)}
     options = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False}
-    modes = {"sdpa": ("sdpa", None), "eager": ("eager", None), "floor all": ("sdpa", "floor:all"),
+    modes = {"sdpa": ("sdpa", None), "sdpa again (A/A)": ("sdpa", None), "eager": ("eager", None),
+             "floor all": ("sdpa", "floor:all"),
              "attnhook cross": ("sdpa", {"sites": "cross"}), "attnhook all": ("sdpa", {"sites": "all"})}
     return Case(name, model, lambda: model.generate(**inputs, **options), modes,
                 f"ViT-base (197 tokens) + GPT-2 768 x 6 layers (of 12), {tokens} new tokens; eager = both",
@@ -175,7 +179,7 @@ def build_torch_decoder(name: str, tokens: int, device: str, dtype: torch.dtype)
     model = ro.Captioner().eval().to(device=device, dtype=dtype)
     image = torch.rand(ro.BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device=device,
                                                                                            dtype=dtype)
-    modes = {"baseline": (None, None), "floor all": (None, "floor:last"),
+    modes = {"baseline": (None, None), "baseline again (A/A)": (None, None), "floor all": (None, "floor:last"),
              "attnhook cross last": (None, {"sites": "cross", "layers": -1}),
              "attnhook all": (None, {"sites": "all"})}
     return Case(name, model, lambda: model.generate(image), modes,

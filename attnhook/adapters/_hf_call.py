@@ -85,7 +85,7 @@ def _cache_length(call: Call) -> int | None:
             _arg(call.module, call.args, call.kwargs, n) is not None for n in _CACHE_ARGS):
         # the slot the first query is written to: exact for every cache (transformers 4's static cache
         # counts its filled slots from the first batch row's keys, which left padding can leave at zero)
-        return int(position[0])
+        return _first_position(position, plan_of(call.module))
     for name in _CACHE_ARGS:
         cache = _arg(call.module, call.args, call.kwargs, name)
         if cache is not None:
@@ -99,6 +99,20 @@ def _cache_length(call: Call) -> int | None:
     except (IndexError, KeyError, TypeError):
         return None
     return int(n)
+
+
+def _first_position(position: torch.Tensor, plan) -> int:
+    """`int(position[0])`, read back from the device once per position tensor: the model hands every layer of a
+    step the same one, and on a GPU each read waits for all the work queued before it."""
+    memo = plan.position if plan is not None else None
+    if position.is_inference():  # no version counter to tell an in-place change: read it each time
+        return int(position[0])
+    if memo is not None and memo[0]() is position and memo[1] == position._version:
+        return memo[2]
+    value = int(position[0])
+    if plan is not None:
+        plan.position = (weakref.ref(position), position._version, value)
+    return value
 
 
 def _start(call: Call) -> int | None:

@@ -70,6 +70,9 @@ class Plan:
         self.recording: Any = None  # the adapter's per-recording state
         self.kinds: dict[nn.Module, str] = {}  # the kind each module's first recorded call showed
         self.caching: set[nn.Module] = set()  # modules whose layer of the cache has held tokens
+        # the last cache position read back from the device, `(weakref to the tensor, its version, position[0])`:
+        # every layer of a step gets the same tensor, so the value is read once per step, not once per call
+        self.position: tuple | None = None
 
 
 class _Dispatch:

@@ -1,0 +1,116 @@
+"""Recording reads nothing back from the device per recorded call (issue 11, point 3).
+
+On a GPU, every value attnhook reads back to the host (`.item()`, `bool(t)`, `int(t)`, `.tolist()`,
+`torch.equal`, ...) waits for all the kernels queued before it, so a read per attention call would stall the
+model at every layer. These tests count, on CPU (the code path is the device's), the reads made from attnhook's
+own code while a model decodes, with a `TorchFunctionMode` that sees every torch call, and check how the count
+grows with the number of decoding steps: not at all for a cached `generate()` or a loop that feeds one new
+query per step, at most one per step where the model hands its cache position to each layer (transformers 4),
+and at most one per recorded call in a loop that reruns its prefix (the one compare that tells a recomputed
+prefix from a new input; docs/recording.md, "On a GPU").
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import attnhook as ah
+
+PACKAGE = str(Path(ah.__file__).parent)
+READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+         torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.nonzero, torch.equal, torch.Tensor.any,
+         torch.Tensor.all, torch.allclose}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the host reads whose nearest Python frame outside torch is attnhook's, by file and line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in READS:
+            for frame in reversed(traceback.extract_stack()[:-1]):
+                if "/torch/" in frame.filename:
+                    continue
+                if frame.filename.startswith(PACKAGE):
+                    self.where[f"{Path(frame.filename).name}:{frame.lineno}"] += 1
+                break
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def count(self) -> int:
+        return sum(self.where.values())
+
+
+def reads(run) -> HostReads:
+    run()  # first calls: checks made once per module class, sources read, masks cached
+    mode = HostReads()
+    with mode:
+        run()
+    return mode
+
+
+def test_a_cached_generate_reads_nothing_back_per_call():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    from test_hf_matrix import llava
+
+    case = llava(batch=2)
+    model = case.model
+
+    def run(tokens: int):
+        def go():
+            with ah.record(model, sites="all") as trace:
+                model.generate(**case.inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            assert len(trace.positions(trace.sites[-1])) == tokens
+        return go
+
+    short, long = reads(run(2)), reads(run(7))
+    calls = 5 * len([s for s in ah.find_attention(model) if s.name.startswith("model.language_model")])
+    # transformers 5 reads nothing per step; transformers 4 hands each layer the cache position, read once a step
+    assert long.count - short.count <= 5, (short.where, long.where)
+    assert long.count - short.count < calls
+
+
+def test_a_loop_of_new_queries_reads_nothing_back_per_call():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    memory = torch.randn(2, 9, 16)
+
+    def run(steps: int):
+        def go():
+            with ah.record(mha) as trace:
+                for _ in range(steps):
+                    mha(torch.randn(2, 1, 16), memory, memory, need_weights=False)
+            assert trace.weights(trace.sites[0]).shape == (2, steps, 2, 9)
+        return go
+
+    short, long = reads(run(3)), reads(run(9))
+    assert long.count == short.count, (short.where, long.where)
+
+
+def test_a_loop_that_reruns_its_prefix_reads_at_most_one_value_per_recorded_call():
+    from captioners import TransformerCaptioner, images
+
+    torch.manual_seed(0)
+    model = TransformerCaptioner().eval()
+    image = images(2)
+    sites = len(ah.find_attention(model))
+
+    def run(steps: int):
+        def go():
+            with ah.record(model) as trace:
+                model.greedy(image, steps=steps)
+            assert trace.weights(trace.sites[0]).shape[1] == steps
+        return go
+
+    short, long = reads(run(3)), reads(run(8))
+    assert long.count - short.count <= 5 * sites, (short.where, long.where)
