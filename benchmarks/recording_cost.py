@@ -28,7 +28,9 @@ of one thread is the steadier of the two; on CUDA read the wall time):
   nothing recorded: what forcing eager costs by itself;
 * `attnhook ...`: as loaded, inside `attnhook.record(model, sites=...)`.
 
-Modes run in a shuffled order in each round. `own ms`: the median time spent inside attnhook's hooks per run
+Modes run in a shuffled order in each round. The ratios (`x base`, `1+own`) are paired by round: each mode's
+time over the reference's time in the same round, then the median over the rounds (a shared machine is slower
+or faster for seconds at a time; a round sees one such phase). `own ms`: the median time spent inside attnhook's hooks per run
 (where it places the call, computes the kept rows beside it, checks and copies them), or inside the floor's
 hook; `1+own` is that over the unrecorded run: the part of `x base` that is the recorder's own work, steadier
 than the difference of two wall times on a shared machine (the rest is what the model itself took longer).
@@ -385,12 +387,18 @@ def time_case(case: Case, repeats: int, device: str) -> dict:
                     times[mode].append(time.perf_counter() - start)
                     cpu[mode].append(time.process_time() - start_cpu)
                     own[mode].append(OWN[0])
-    reference = results[next(iter(case.modes))][0]
+    first = next(iter(case.modes))
+    reference = results[first][0]
     out = {}
     for mode in case.modes:
         tokens, trace = results[mode]
+        # ratios paired by round (each mode against the reference of the same round, then the median): a
+        # shared machine runs slower or faster for seconds at a time, and a round sees one such phase
         out[mode] = {"time": statistics.median(times[mode]), "cpu": statistics.median(cpu[mode]),
-                     "own": statistics.median(own[mode]), "same": torch.equal(tokens.cpu(), reference.cpu())}
+                     "own": statistics.median(own[mode]), "same": torch.equal(tokens.cpu(), reference.cpu()),
+                     "x time": statistics.median(a / b for a, b in zip(times[mode], times[first])),
+                     "x cpu": statistics.median(a / b for a, b in zip(cpu[mode], cpu[first])),
+                     "x own": 1 + statistics.median(a / b for a, b in zip(own[mode], times[first]))}
         if trace is not None:
             out[mode].update(trace_bytes(trace, case.dtype))
     return out
@@ -418,8 +426,8 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
                   and bpeak + r["need"] else "-")
         kept_need = f"{r['kept'] / r['need']:.1f}" if r.get("need") else "-"
         rows_site = f"{r['rows'][0]}-{r['rows'][1]}" if "rows" in r else "-"
-        print(f"{case:<14}{mode:<21}{r['time']:>8.3f}{r['time'] / b['time']:>8.3f}{r['cpu']:>8.3f}"
-              f"{r['cpu'] / b['cpu']:>8.3f}{r['own'] * 1e3:>8.1f}{1 + r['own'] / b['time']:>7.3f}"
+        print(f"{case:<14}{mode:<21}{r['time']:>8.3f}{r['x time']:>8.3f}{r['cpu']:>8.3f}"
+              f"{r['x cpu']:>8.3f}{r['own'] * 1e3:>8.1f}{r['x own']:>7.3f}"
               f"{_mib(peak):>10}{x_peak:>8}"
               f"{target:>17}{_mib(r.get('need')):>10}{_mib(r.get('kept')):>10}{kept_need:>10}{rows_site:>11}"
               f"{'same' if r['same'] else 'DIFF':>8}")
