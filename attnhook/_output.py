@@ -24,6 +24,10 @@ from .errors import AttnHookError
 #: be reported as "nothing was written").
 COMMITTED: list[Path] = []
 INTERRUPTED: list[int] = []  # signals the command line received while it ran (set by its handler)
+#: Hidden folders made in this process and not yet moved in or removed: a signal handled between the folder's
+#: creation and the `with` block that cleans it up (a model load holds a Ctrl-C back for seconds, and the
+#: interpreter runs the handler at the next instruction, which may be that one) leaves them to `sweep()`.
+LIVE: list[Path] = []
 
 
 class OutputError(AttnHookError):
@@ -81,7 +85,9 @@ class Output:
                     raise OutputError(f"Cannot write to {where}: {str(base)!r} is not a folder. Choose another --out.")
                 base = base.parent
         try:
-            self.tmp = _fresh_folder(base)
+            with signals_held():  # made and listed in one go: a signal finds it in LIVE or not made
+                self.tmp = _fresh_folder(base)
+                LIVE.append(self.tmp)
         except OSError as e:
             raise OutputError(f"Cannot write to {where}: {e.strerror or e} in {str(base)!r}. Choose a writable "
                               "folder with --out.") from None
@@ -102,6 +108,7 @@ class Output:
                 self._move()
             finally:
                 shutil.rmtree(self.tmp, ignore_errors=True)
+                _forget(self.tmp)
             self.committed = True
             COMMITTED.append(self.out)
 
@@ -146,6 +153,7 @@ class Output:
     def discard(self) -> None:
         with signals_held():
             shutil.rmtree(self.tmp, ignore_errors=True)
+            _forget(self.tmp)
 
     def __enter__(self):
         return self
@@ -159,6 +167,18 @@ class Output:
                                   "was written; choose a writable folder with --out.") from None
         else:
             self.discard()
+
+
+def _forget(tmp: Path) -> None:
+    if tmp in LIVE:
+        LIVE.remove(tmp)
+
+
+def sweep() -> None:
+    """Remove the hidden folders of this process that no `with` block cleaned up (see `LIVE`)."""
+    with signals_held():
+        while LIVE:
+            shutil.rmtree(LIVE.pop(), ignore_errors=True)
 
 
 def _fresh_folder(base: Path) -> Path:

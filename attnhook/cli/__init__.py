@@ -59,10 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # a Ctrl-C the interpreter delivered after the command's own handler was removed: the command stops
         # with the status of Ctrl-C, saying so once, and (run as the program) ignores any later one on its way out
+        from .._output import sweep
+
+        sweep()
         if not INTERRUPTED[seen:]:
             _say("attnhook: stopped by Ctrl-C.")
         _quiet_exit(argv)
+        _forget_handled_interrupt()
         return 130
+
+
+def _forget_handled_interrupt() -> None:
+    """A quirk of CPython (seen on 3.11.7): a KeyboardInterrupt raised inside code that `exec` ran from a string
+    (dataclasses and namedtuples build their methods so, during an import) sets the interpreter's "unhandled
+    KeyboardInterrupt" flag even when it is caught, and `python -m attnhook` then exits by SIGINT instead of with
+    the status `main()` returns. Running any string through `exec` clears the flag."""
+    exec("None")
 
 
 def _quiet_exit(argv) -> None:
@@ -94,8 +106,10 @@ def _main(argv: list[str] | None) -> int:
             _say(f"{name}: error: {message}")
             return 1
         except KeyboardInterrupt as e:
-            from .._output import INTERRUPTED
+            from .._output import INTERRUPTED, sweep
 
+            sweep()  # a hidden folder made just before the signal was handled, outside its `with` block
+            _forget_handled_interrupt()
             signum = e.signum if isinstance(e, _Signalled) else (INTERRUPTED[-1] if INTERRUPTED else 2)
             import signal
 
@@ -108,6 +122,9 @@ def _main(argv: list[str] | None) -> int:
                 _say(f"{name}: stopped by {what}; nothing was written (no output folder, no temporary files).")
             return 128 + signum
         except Exception as e:  # noqa: BLE001 -- one line, not a traceback, for every failure
+            from .._output import sweep
+
+            sweep()
             if os.environ.get("ATTNHOOK_TRACEBACK"):
                 raise
             first = (str(e).strip().splitlines() or [""])[0][:300]
