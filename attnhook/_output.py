@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ INTERRUPTED: list[int] = []  # signals the command line received while it ran (s
 #: Hidden folders made in this process and not yet moved in or removed: a signal handled between the folder's
 #: creation and the `with` block that cleans it up (a model load holds a Ctrl-C back for seconds, and the
 #: interpreter runs the handler at the next instruction, which may be that one) leaves them to `sweep()`.
-LIVE: list[Path] = []
+LIVE: list[tuple[int, Path]] = []  # (thread that made it, folder)
 
 
 class OutputError(AttnHookError):
@@ -87,7 +88,7 @@ class Output:
         try:
             with signals_held():  # made and listed in one go: a signal finds it in LIVE or not made
                 self.tmp = _fresh_folder(base)
-                LIVE.append(self.tmp)
+                LIVE.append((threading.get_ident(), self.tmp))
         except OSError as e:
             raise OutputError(f"Cannot write to {where}: {e.strerror or e} in {str(base)!r}. Choose a writable "
                               "folder with --out.") from None
@@ -170,15 +171,16 @@ class Output:
 
 
 def _forget(tmp: Path) -> None:
-    if tmp in LIVE:
-        LIVE.remove(tmp)
+    LIVE[:] = [entry for entry in LIVE if entry[1] != tmp]
 
 
 def sweep() -> None:
-    """Remove the hidden folders of this process that no `with` block cleaned up (see `LIVE`)."""
+    """Remove the hidden folders this thread made that no `with` block cleaned up (see `LIVE`)."""
+    me = threading.get_ident()
     with signals_held():
-        while LIVE:
-            shutil.rmtree(LIVE.pop(), ignore_errors=True)
+        for entry in [e for e in LIVE if e[0] == me]:
+            shutil.rmtree(entry[1], ignore_errors=True)
+            LIVE.remove(entry)
 
 
 def _fresh_folder(base: Path) -> Path:

@@ -290,9 +290,9 @@ def test_a_hidden_folder_made_just_before_a_signal_is_swept(tmp_path):
     from attnhook._output import LIVE, Output, sweep
 
     made = Output(tmp_path / "out", ["a.png"])  # never entered, as when the signal lands there
-    assert made.tmp.is_dir() and made.tmp in LIVE
+    assert made.tmp.is_dir() and made.tmp in [path for _, path in LIVE]
     sweep()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [] and made.tmp not in LIVE
+    assert sorted(p.name for p in tmp_path.iterdir()) == [] and not LIVE
     with Output(tmp_path / "out", ["a.png"]) as out:  # a block that ends normally leaves nothing to sweep
         out.path("a.png").write_bytes(b"x")
     assert not LIVE and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
