@@ -6,6 +6,7 @@ Pure functions over tensors; no hooks and no positions (those are `_hooks` and `
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Literal
 
 import numpy as np
@@ -82,6 +83,29 @@ def fingerprint(t: torch.Tensor) -> tuple:
         return tuple(() for _ in range(t.shape[0]))
     summary = torch.stack([flat.sum(1), flat[:, 0], flat[:, -1], flat[:, flat.shape[1] // 2]], 1)
     return tuple(tuple(row) for row in summary.tolist())
+
+
+class Remembered:
+    """A value read back from a tensor (a host read: on a GPU it waits for the queued work), kept while the
+    tensor is the very same one, unchanged (identity and version counter): reads that every layer of a step, or
+    every step of a run, would repeat happen once. Inference tensors have no version counter: read each time."""
+
+    __slots__ = ("_ref", "_version", "_value")
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._version = -1
+        self._value = None
+
+    def get(self, t: torch.Tensor, read):
+        """`read(t)`, or the value kept for `t`."""
+        if t.is_inference():
+            return read(t)
+        if self._ref is not None and self._ref() is t and self._version == t._version:
+            return self._value
+        value = read(t)
+        self._ref, self._version, self._value = weakref.ref(t), t._version, value
+        return value
 
 
 def guess_tensors(call, batch: int, queries: int, keys: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -185,7 +185,7 @@ class record:
         self._epoch = 0
         self._held: dict[str, tuple[Event, torch.Tensor]] = {}
         self._queries: dict[str, weakref.ref] = {}
-        self._prints: dict[str, tuple] = {}  # site -> (weakref to its keys, their version, their fingerprint)
+        self._prints: dict[str, _calls.Remembered] = {}  # site -> the fingerprint of its last keys
         self._checked: set[str] = set()
         self._warned: set[str] = set()
         self._lock = threading.RLock()
@@ -352,14 +352,10 @@ class record:
     def _fingerprint(self, name: str, memory: torch.Tensor) -> tuple:
         """The keys' fingerprint, read back from the device only when they are not the very tensor (unchanged)
         of the site's previous call: a loop over one image's features reads it once, not at every step."""
-        last = self._prints.get(name)
-        version = None if memory.is_inference() else memory._version
-        if last is not None and version is not None and last[0]() is memory and last[1] == version:
-            return last[2]
-        fingerprint = _calls.fingerprint(memory)
-        if version is not None:
-            self._prints[name] = (weakref.ref(memory), version, fingerprint)
-        return fingerprint
+        kept = self._prints.get(name)
+        if kept is None:
+            kept = self._prints[name] = _calls.Remembered()
+        return kept.get(memory, _calls.fingerprint)
 
     def _sync(self) -> None:
         """Follow `trace.new_sequence()` called by the user between calls."""

@@ -102,17 +102,10 @@ def _cache_length(call: Call) -> int | None:
 
 
 def _first_position(position: torch.Tensor, plan) -> int:
-    """`int(position[0])`, read back from the device once per position tensor: the model hands every layer of a
-    step the same one, and on a GPU each read waits for all the work queued before it."""
-    memo = plan.position if plan is not None else None
-    if position.is_inference():  # no version counter to tell an in-place change: read it each time
+    """`int(position[0])`, read back from the device once per position tensor (`Plan.position`)."""
+    if plan is None:
         return int(position[0])
-    if memo is not None and memo[0]() is position and memo[1] == position._version:
-        return memo[2]
-    value = int(position[0])
-    if plan is not None:
-        plan.position = (weakref.ref(position), position._version, value)
-    return value
+    return plan.position.get(position, lambda t: int(t[0]))
 
 
 def _start(call: Call) -> int | None:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .._calls import Remembered
 from ..errors import RecordingError
 
 _PLANS: contextvars.ContextVar[tuple] = contextvars.ContextVar("attnhook_hf_plans", default=())
@@ -70,9 +71,9 @@ class Plan:
         self.recording: Any = None  # the adapter's per-recording state
         self.kinds: dict[nn.Module, str] = {}  # the kind each module's first recorded call showed
         self.caching: set[nn.Module] = set()  # modules whose layer of the cache has held tokens
-        # the last cache position read back from the device, `(weakref to the tensor, its version, position[0])`:
-        # every layer of a step gets the same tensor, so the value is read once per step, not once per call
-        self.position: tuple | None = None
+        # the first cache position, read back from the device once per position tensor: every layer of a step
+        # gets the same tensor, so it is read once per step, not once per call
+        self.position = Remembered()
 
 
 class _Dispatch:
