@@ -90,21 +90,21 @@ class Remembered:
     tensor is the very same one, unchanged (identity and version counter): reads that every layer of a step, or
     every step of a run, would repeat happen once. Inference tensors have no version counter: read each time."""
 
-    __slots__ = ("_ref", "_version", "_value")
+    __slots__ = ("_kept",)
 
     def __init__(self) -> None:
-        self._ref: weakref.ref | None = None
-        self._version = -1
-        self._value = None
+        # (weakref to the tensor, its version, the value), replaced whole: a thread never sees a mixed triple
+        self._kept: tuple | None = None
 
     def get(self, t: torch.Tensor, read):
         """`read(t)`, or the value kept for `t`."""
         if t.is_inference():
             return read(t)
-        if self._ref is not None and self._ref() is t and self._version == t._version:
-            return self._value
+        kept = self._kept
+        if kept is not None and kept[0]() is t and kept[1] == t._version:
+            return kept[2]
         value = read(t)
-        self._ref, self._version, self._value = weakref.ref(t), t._version, value
+        self._kept = (weakref.ref(t), t._version, value)
         return value
 
 

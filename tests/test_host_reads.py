@@ -6,8 +6,8 @@ model at every layer. These tests count, on CPU (the code path is the device's),
 own code while a model decodes, with a `TorchFunctionMode` that sees every torch call, and check how the count
 grows with the number of decoding steps: not at all for a cached `generate()` or a loop that feeds one new
 query per step, at most one per step where the model hands its cache position to each layer (transformers 4),
-and at most one per recorded call in a loop that reruns its prefix (the one compare that tells a recomputed
-prefix from a new input; docs/recording.md, "On a GPU").
+at most one per recorded call in a loop that reruns its prefix (the one compare that tells a recomputed
+prefix from a new input; docs/recording.md, "On a GPU"), and a fixed-slot template's padding mask once per step.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from torch.overrides import TorchFunctionMode
 import attnhook as ah
 
 PACKAGE = str(Path(ah.__file__).parent)
+# calls whose result is a host value (or whose output size depends on the data): each waits for the device
 READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
-         torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.nonzero, torch.equal, torch.Tensor.any,
-         torch.Tensor.all, torch.allclose}
+         torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.nonzero, torch.equal, torch.allclose}
 
 
 class HostReads(TorchFunctionMode):
@@ -114,3 +114,24 @@ def test_a_loop_that_reruns_its_prefix_reads_at_most_one_value_per_recorded_call
 
     short, long = reads(run(3)), reads(run(8))
     assert long.count - short.count <= 5 * sites, (short.where, long.where)
+
+
+def test_a_fixed_slot_template_reads_its_padding_mask_once_per_step():
+    from loops import TemplateCaptioner
+    from captioners import images
+
+    model = TemplateCaptioner()
+    image = images(2)
+    sites = len(ah.find_attention(model))
+
+    def run(steps: int):
+        def go():
+            with ah.record(model) as trace:
+                model.caption(image, steps)
+            assert trace.weights("decoder.layers.0.self_attn").shape[1] == steps
+        return go
+
+    short, long = reads(run(3)), reads(run(8))
+    # per step: the compare of each site (the whole template reruns) and the padding mask, read once for
+    # every layer it is handed to
+    assert long.count - short.count <= 5 * (sites + 3), (short.where, long.where)

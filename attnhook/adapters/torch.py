@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torch
 from torch import nn
 
+from .._calls import Remembered
 from ..registry import AttentionSpec, Call, _register_builtin
 from . import _torch_sdpa
 
@@ -165,14 +166,23 @@ def _valid(call: Call) -> int | None:
     mask = arguments.get("key_padding_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (1, 2):
         return None
+    batch, queries, keys = _lengths(call)
+    if queries != keys or mask.shape[-1] != keys:
+        return None
+    return _TEMPLATE.get(mask, _real_slots)
+
+
+# the last key padding mask read: every layer of a step gets the same one (read back once per step, not per call)
+_TEMPLATE = Remembered()
+
+
+def _real_slots(mask: torch.Tensor) -> int | None:
+    """Leading slots that are not padding, when every batch row pads the same trailing block; else None."""
     pad = mask if mask.dtype == torch.bool else torch.isneginf(mask)
     pad = pad[None] if pad.dim() == 1 else pad
-    batch, queries, keys = _lengths(call)
-    if queries != keys or pad.shape[-1] != keys:
-        return None
     row = pad[0]
     n = int((~row).sum())
-    if n == keys or not bool((pad == row).all()) or bool(row[:n].any()):
+    if n == pad.shape[-1] or not bool((pad == row).all()) or bool(row[:n].any()):
         return None  # nothing padded, rows padded differently (a padded batch), or not a trailing block
     return n
 
