@@ -29,8 +29,8 @@ from torch import nn
 from ..errors import RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
 from . import _hf_dispatch
-from ._hf_call import (_CACHE_ARGS, _appends_weights, _arg, _heads, _hidden, _kind, _lengths, _params,
-                       _sdpa_only, _source, _start, _uses_interface, _wraps_mha)
+from ._hf_call import (_CACHE_ARGS, _appends_weights, _arg, _heads, _kind, _lengths, _params, _sdpa_only,
+                       _source, _start, _uses_interface, _wraps_mha)
 from ._hf_dispatch import Part, plan_of
 from ._hf_inputs import ImageInputs
 
@@ -428,6 +428,13 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     return out[:, :, lo:hi, :keys]
 
 
+def _queries(call: Call) -> torch.Tensor | None:
+    """The call's `hidden_states` when it names them (the queries of every transformers attention module);
+    otherwise None, and the recorder looks for the first tensor shaped like the queries."""
+    h = _arg(call.module, call.args, call.kwargs, "hidden_states")
+    return h if isinstance(h, torch.Tensor) else None
+
+
 def _declines(cls: type) -> bool:
     """Classes named like attention that another spec records better: a wrapper of the torch module."""
     return _wraps_mha(cls)
@@ -444,7 +451,7 @@ TRANSFORMERS = AttentionSpec(
     heads=_heads,
     lengths=_lengths,
     start=_start,
-    query=_hidden,
+    query=_queries,
     prepare=_prepare,
 )
 
