@@ -419,7 +419,9 @@ class record:
         if isinstance(weights, _Beside) and weights.fresh(rows):
             kept = rows.detach().to(self.device, dtype, memory_format=torch.contiguous_format)
         elif rows.dtype == dtype and rows.device == self.device:
-            kept = rows.detach().clone(memory_format=torch.contiguous_format)  # the common case, one kernel
+            # the common case, one kernel (rows of a graph detached first: rows computed beside the call and
+            # weights read under no_grad are not part of one)
+            kept = (rows.detach() if rows.requires_grad else rows).clone(memory_format=torch.contiguous_format)
         else:
             kept = rows.detach().to(self.device, dtype, copy=True, memory_format=torch.contiguous_format)
         self.trace._append(name, placement.first, placement.call, kept)
@@ -471,10 +473,13 @@ class _Beside:
     def __getitem__(self, index) -> torch.Tensor:
         rows = index[2] if type(index) is tuple and len(index) == 3 else None
         if type(rows) is int:
-            return self._compute(rows, rows + 1)[:, :, 0]
+            first, block = self._compute(rows, rows + 1)
+            return block[:, :, rows - first]  # one view of the block, not a slice of it and then a row
         if type(rows) is slice and rows.step in (None, 1):
             lo, hi, _ = rows.indices(self.shape[2])
-            return self._compute(lo, max(lo, hi))
+            hi = max(lo, hi)
+            first, block = self._compute(lo, hi)
+            return block if lo == first and hi == first + block.shape[2] else block[:, :, lo - first: hi - first]
         raise TypeError(f"weights computed beside the call take [:, :, rows], got {index!r}")
 
     def fresh(self, rows: torch.Tensor) -> bool:
@@ -487,13 +492,11 @@ class _Beside:
         return (rows.shape == b.shape and rows.data_ptr() == b.data_ptr() and b.is_contiguous()
                 and b.untyped_storage().nbytes() == b.numel() * b.element_size())
 
-    def _compute(self, lo: int, hi: int) -> torch.Tensor:
+    def _compute(self, lo: int, hi: int) -> tuple[int, torch.Tensor]:
+        """`(first, block)`: computed rows `first:` that cover rows `lo:hi` (computed now if no block does)."""
         block = self._block
         if block is not None and block[0] <= lo and hi <= block[0] + block[1].shape[2]:
-            if lo == block[0] and hi == block[0] + block[1].shape[2]:
-                return block[1]
-            return block[1][:, :, lo - block[0]: hi - block[0]]
-        want = hi
+            return block
         if hi == lo + 1 and self.shape[2] - lo <= 8:
             hi = self.shape[2]  # a held row to compare: the kept rows follow it, compute them in one go
         weights = self.spec.rows(self.call, lo, hi)
@@ -509,8 +512,13 @@ class _Beside:
             _CHECKED_BESIDE.add(kind)  # only once the check passed: a refused class is refused every time
         elif weights.requires_grad:  # sliced from weights a module in training returned to its caller
             weights = weights.detach()
+        if weights.shape[2] != hi - lo or weights.shape[-1] != self.shape[3]:
+            raise SpecError(
+                f"spec {self.spec.name!r} at site {self.name!r}: rows({lo}, {hi}) returned weights of shape "
+                f"{tuple(weights.shape)}, expected (batch, heads, {hi - lo}, {self.shape[3]}) as its shape() says "
+                f"{tuple(self.shape)}. Make rows(call, lo, hi) return exactly the query rows lo:hi.")
         self._block = (lo, weights)
-        return weights[:, :, : want - lo]
+        return self._block
 
 
 def _step_modules(tree: "_tree.Tree", step) -> list:

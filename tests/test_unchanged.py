@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import attnhook as ah
+from attnhook.errors import SpecError
 from captioners import DetrStyleCaptioner, TransformerCaptioner, images, mha_weights
 from loops import Recorder, TemplateCaptioner
 
@@ -325,3 +326,25 @@ def test_rows_a_users_spec_hands_over_are_copied_and_a_builtins_own_rows_are_kep
     torch.testing.assert_close(torch.stack(rows, 2), ref, atol=1e-6, rtol=0)
     storages = {row.untyped_storage().data_ptr(): row.untyped_storage().nbytes() for row in rows}
     assert sum(storages.values()) == ref.numel() * ref.element_size()  # the rows' bytes, no larger matrix
+
+
+@pytest.mark.parametrize("rows, says", [
+    # the whole matrix, whatever lo:hi asks for
+    (lambda call, lo, hi: call.module.last, r"rows\(1, 3\) returned weights of shape \(2, 1, 3, 5\), expected "
+                                             r"\(batch, heads, 2, 5\)"),
+    # probabilities over one key less than shape() says
+    (lambda call, lo, hi: call.module.last[:, :, lo:hi, :4].log().softmax(-1),
+     r"rows\(0, 2\) returned weights of shape \(2, 1, 2, 4\), expected \(batch, heads, 2, 5\)"),
+])
+def test_a_users_rows_that_are_not_the_rows_asked_for_are_refused(rows, says):
+    """A spec's rows(call, lo, hi) must return exactly rows lo:hi over the keys its shape() says: other rows
+    (the whole matrix) would be kept at the wrong positions, fewer keys would be kept as if they were all."""
+    spec = ah.register(ah.AttentionSpec("cached", Cached, read=lambda call: call.module.last, kind="cross",
+                                        rows=rows, shape=lambda call: tuple(call.module.last.shape)))
+    try:
+        module, q, k = Cached(), torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+        with pytest.raises(SpecError, match=says), ah.record(module):
+            module(q[:, :2], k)  # rows 0:2
+            module(q, k)  # the prefix again and one more query: row 1 to compare and row 2 to keep, rows(1, 3)
+    finally:
+        ah.unregister(spec)
