@@ -10,7 +10,8 @@ The instrument of issue 11 (point 2). Random-weight models built from configs (n
   GPT-2 small sizes (768, 12 heads, vocabulary 50257) with cross-attention but 6 layers instead of 12, to keep
   the run short. Recorded: the decoder cross-attention (`sites="cross"`), and every site (`sites="all"`: the ViT
   layers, the GPT-2 self- and cross-attention). `floor all`: the least any recorder of every site could cost,
-  every row of every attention call as one product and one softmax of the queries and keys its kernel got.
+  every row of every attention call as one product and one softmax of the queries and keys its kernel got;
+  `floor cross`: the same for the calls over the image's 197 keys only (the decoder cross-attention).
 * `torch-decoder`: the stock nn.TransformerDecoder captioner of benchmarks/record_overhead.py (4 layers, d=256,
   196 keys, batch 4, 20 tokens, the prefix rerun at each step). Recorded: the last cross-attention layer, and
   every site. `floor all` is the least any recorder of every site could cost: a plain hook per module that keeps
@@ -166,7 +167,7 @@ def build_vit_gpt2(name: str, tokens: int, device: str, dtype: torch.dtype) -> C
     inputs = {"pixel_values": torch.randn(1, 3, 224, 224, generator=gen).to(device=device, dtype=dtype)}
     options = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False}
     modes = {"sdpa": ("sdpa", None), "sdpa again (A/A)": ("sdpa", None), "eager": ("eager", None),
-             "floor all": ("sdpa", "floor:all"),
+             "floor all": ("sdpa", "floor:all"), "floor cross": ("sdpa", "floor:cross:197"),
              "attnhook cross": ("sdpa", {"sites": "cross"}), "attnhook all": ("sdpa", {"sites": "all"})}
     return Case(name, model, lambda: model.generate(**inputs, **options), modes,
                 f"ViT-base (197 tokens) + GPT-2 768 x 6 layers (of 12), {tokens} new tokens; eager = both",
@@ -252,7 +253,10 @@ def floor_run(case: Case, rows: str = "last"):
     def sdpa(q, k, v, *args, **kwargs):
         if rows == "all" and k.shape[1] == q.shape[1]:  # grouped keys would need repeating: none here
             kept.append(weights(q, k, last=False))
-        else:
+        elif rows.startswith("cross:"):  # the calls over the encoder's keys (their number given), not its own
+            if k.shape[2] == int(rows.split(":")[1]) != q.shape[2]:
+                kept.append(weights(q, k, last=False))
+        elif rows == "last":
             seen.append((q, k))
         return real(q, k, v, *args, **kwargs)
 
@@ -277,7 +281,7 @@ def run_mode(case: Case, mode: str, device: str):
 
     impl, kwargs = case.modes[mode]
     if isinstance(kwargs, str) and kwargs.startswith("floor"):
-        return floor_run(case, kwargs.split(":")[1])
+        return floor_run(case, kwargs.split(":", 1)[1])
     if impl is not None:
         case.model.set_attn_implementation(impl)
     try:
