@@ -235,6 +235,7 @@ class record:
             self._calls.clear()
             self._held.clear()
             self.trace._settle()  # rows copied from a GPU are all on the host when the block ends
+            self.trace._release()  # and none is kept on the GPU for comparisons any more
 
     # --- hooks ---------------------------------------------------------------------------------------
     def _foreign(self) -> None:
@@ -373,7 +374,7 @@ class record:
             new = weights[:, :, row]
             if self.keys is not None:
                 new = new[..., self.keys]
-            return _calls.compare(self.trace.held(name, position), new, loose)
+            return _calls.compare(self.trace.held(name, position, near=True), new, loose)
 
         placement = self._tracker.place(event, same if weights is not None else None)
         self._say()
@@ -411,7 +412,11 @@ class record:
             kept.copy_(rows.detach(), non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-            self.trace._append(name, placement.first, placement.call, kept, ready)
+            # and a copy on the GPU, for the compare of the next recomputed row (a loop that reruns its prefix):
+            # compared there, it costs one value read back, instead of waiting for the copies under way and
+            # copying the new row to the host
+            near = rows.detach().to(dtype, copy=True, memory_format=torch.contiguous_format)
+            self.trace._append(name, placement.first, placement.call, kept, ready, near)
             return
         # a copy, so that the trace holds only its rows (not a larger matrix they are a view of) and nothing
         # another holder could change; rows a built-in spec just computed beside the call, kept whole, are

@@ -128,6 +128,9 @@ class _Chunk:
     start: int
     call: int
     rows: torch.Tensor
+    # the same rows where they were computed, while rows are being copied off a GPU: what the recorder compares
+    # a recomputed row with, without waiting for the copy (kept for the site's last chunk only)
+    near: torch.Tensor | None = None
 
 
 class Trace:
@@ -182,6 +185,12 @@ class Trace:
             for event in self._inflight:
                 event.synchronize()
             self._inflight.clear()
+
+    def _release(self) -> None:
+        """Drop the rows kept on the device for comparisons (`held(near=True)`): the recording ended."""
+        for chunks in self._chunks.values():
+            if chunks and chunks[-1].near is not None:
+                chunks[-1].near = None
 
     def _chunks_of(self, which: Site | str, sequence: int) -> list[_Chunk]:
         self._settle()
@@ -327,13 +336,16 @@ class Trace:
         self._append(name, int(start), int(call), rows, ready)
 
     def _append(self, name: str, start: int, call: int, rows: torch.Tensor,
-                ready: torch.cuda.Event | None = None) -> None:
-        """`add_rows` for the recorder, whose site, ints and rows are already checked."""
+                ready: torch.cuda.Event | None = None, near: torch.Tensor | None = None) -> None:
+        """`add_rows` for the recorder, whose site, ints and rows are already checked (`near`: the same rows
+        where they were computed, see `held`)."""
         key = (name, self._seq)
         chunks = self._chunks.get(key)
         if chunks is None:
             chunks = self._chunks[key] = []
-        chunks.append(_Chunk(start, call, rows))
+        elif chunks[-1].near is not None:
+            chunks[-1].near = None  # only the last chunk of a site keeps its rows on the device
+        chunks.append(_Chunk(start, call, rows, near))
         if ready is not None:
             self._inflight.append(ready)
 
@@ -346,13 +358,20 @@ class Trace:
         """Whether a site of that name has been added."""
         return name in self._sites
 
-    def held(self, site: Site | str, position: int, call: int = 0) -> torch.Tensor | None:
-        """The row held at `position` of the current sequence, `(batch, heads, keys)`, or None."""
+    def held(self, site: Site | str, position: int, call: int = 0, near: bool = False) -> torch.Tensor | None:
+        """The row held at `position` of the current sequence, `(batch, heads, keys)`, or None. `near=True`: from
+        the device the row was computed on when the trace still has it there (the site's last chunk, while its
+        copy off a GPU may be under way), so that comparing it with a new row waits for nothing."""
         name = site.name if isinstance(site, Site) else site
         if name not in self._sites:
             return None
+        chunks = self._chunks.get((name, self._seq), [])
+        if near and chunks:
+            c = chunks[-1]
+            if c.near is not None and c.call == call and c.start <= position < c.start + c.rows.shape[2]:
+                return c.near[:, :, position - c.start]
         self._settle()
-        for c in reversed(self._chunks.get((name, self._seq), [])):
+        for c in reversed(chunks):
             if c.call == call and c.start <= position < c.start + c.rows.shape[2]:
                 return c.rows[:, :, position - c.start]
         return None

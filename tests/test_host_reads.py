@@ -135,3 +135,39 @@ def test_a_fixed_slot_template_reads_its_padding_mask_once_per_step():
     # per step: the compare of each site (the whole template reruns) and the padding mask, read once for
     # every layer it is handed to
     assert long.count - short.count <= 5 * (sites + 3), (short.where, long.where)
+
+
+class Event:
+    """Stands for the CUDA event of a non-blocking copy still under way: says whether it was waited for."""
+
+    def __init__(self) -> None:
+        self.waited = 0
+
+    def synchronize(self) -> None:
+        self.waited += 1
+
+
+def test_the_compare_of_a_recomputed_row_waits_for_no_copy_under_way():
+    """Rows copied off a GPU come with a copy where they were computed, kept for the site's last chunk only:
+    the compare of the next recomputed row reads it there, without waiting for the copies still under way (on
+    a GPU that wait would stall the model at every recorded call); any other read of the rows waits for them,
+    and the device copies are dropped when the recording ends."""
+    trace = ah.Trace()
+    trace.add_site(ah.Site("dec", "torch.MultiheadAttention", "self", 0, 2))
+    rows = [torch.rand(1, 2, 1, 4).softmax(-1) for _ in range(3)]
+    events = []
+    for position, r in enumerate(rows[:2]):
+        events.append(Event())
+        kept = torch.zeros_like(r)  # the host copy, not filled yet: its copy is "under way"
+        trace._append("dec", position, 0, kept, events[-1], near=r.clone())
+    assert torch.equal(trace.held("dec", 1, near=True), rows[1][:, :, 0])  # the device copy of the last chunk
+    assert [e.waited for e in events] == [0, 0]
+    assert torch.equal(trace.held("dec", 0, near=True), torch.zeros(1, 2, 4))  # an older chunk: from the host
+    assert [e.waited for e in events] == [1, 1]  # ... once the copies are done
+    trace._append("dec", 2, 0, rows[2].clone(), Event(), near=rows[2].clone())
+    chunks = trace._chunks[("dec", 0)]
+    assert [c.near is not None for c in chunks] == [False, False, True]  # the last chunk's only
+    trace._release()
+    assert all(c.near is None for c in chunks)
+    assert torch.equal(trace.held("dec", 2, near=True), rows[2][:, :, 0])  # from the host rows now
+
