@@ -161,6 +161,7 @@ class Trace:
         self.cut = False
         self.notes: list[str] = []  # what recording decided on weak evidence, or could not decide
         self._inflight: list = []  # CUDA events of rows still being copied to pinned host memory
+        self._near: dict[str, _Chunk] = {}  # site -> its last chunk, while that keeps its rows on the device
 
     # --- reading -------------------------------------------------------------------------------------
     @property
@@ -187,10 +188,11 @@ class Trace:
             self._inflight.clear()
 
     def _release(self) -> None:
-        """Drop the rows kept on the device for comparisons (`held(near=True)`): the recording ended."""
-        for chunks in self._chunks.values():
-            if chunks and chunks[-1].near is not None:
-                chunks[-1].near = None
+        """Drop the rows kept on the device for comparisons (`held(near=True)`): the recording or the sequence
+        ended."""
+        for chunk in self._near.values():
+            chunk.near = None
+        self._near.clear()
 
     def _chunks_of(self, which: Site | str, sequence: int) -> list[_Chunk]:
         self._settle()
@@ -285,6 +287,7 @@ class Trace:
         self._epoch += 1
         if self._has_rows(self._seq):
             self._seq += 1
+            self._release()  # nothing compares with the rows of an ended sequence
 
     def _has_rows(self, seq: int) -> bool:
         return any(k[1] == seq and c for k, c in self._chunks.items())
@@ -343,9 +346,13 @@ class Trace:
         chunks = self._chunks.get(key)
         if chunks is None:
             chunks = self._chunks[key] = []
-        elif chunks[-1].near is not None:
-            chunks[-1].near = None  # only the last chunk of a site keeps its rows on the device
-        chunks.append(_Chunk(start, call, rows, near))
+        chunk = _Chunk(start, call, rows, near)
+        chunks.append(chunk)
+        last = self._near.pop(name, None)
+        if last is not None:
+            last.near = None  # only the last chunk of a site keeps its rows on the device
+        if near is not None:
+            self._near[name] = chunk
         if ready is not None:
             self._inflight.append(ready)
 

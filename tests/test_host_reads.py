@@ -171,3 +171,7 @@ def test_the_compare_of_a_recomputed_row_waits_for_no_copy_under_way():
     assert all(c.near is None for c in chunks)
     assert torch.equal(trace.held("dec", 2, near=True), rows[2][:, :, 0])  # from the host rows now
 
+    trace._append("dec", 3, 0, rows[0].clone(), None, near=rows[0].clone())
+    trace.new_sequence()  # a sequence that ends keeps no device copy (a run over many images would pile them up)
+    assert all(c.near is None for c in trace._chunks[("dec", 0)])
+
