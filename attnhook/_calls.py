@@ -24,6 +24,12 @@ def read_what(spec, name: str, weights) -> str:
     return f"Spec {spec.name!r} read {what} at site {name!r}"
 
 
+def ungraphed(t: torch.Tensor) -> torch.Tensor:
+    """`t` detached where it is part of a graph (a training step), else `t` itself: on the per-call path a
+    detach outside a graph is one more op for nothing."""
+    return t.detach() if t.requires_grad else t
+
+
 def to_torch(x):
     """A torch tensor as it is (detached); a numpy, JAX or TensorFlow array copied into one (bfloat16 and other
     dtypes numpy does not know become float32); anything else unchanged."""

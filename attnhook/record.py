@@ -424,9 +424,7 @@ class record:
         if isinstance(weights, _Beside) and weights.fresh(rows):
             kept = rows.detach().to(self.device, dtype, memory_format=torch.contiguous_format)
         elif rows.dtype == dtype and rows.device == self.device:
-            # the common case, one kernel (rows of a graph detached first: rows computed beside the call and
-            # weights read under no_grad are not part of one)
-            kept = (rows.detach() if rows.requires_grad else rows).clone(memory_format=torch.contiguous_format)
+            kept = _calls.ungraphed(rows).clone(memory_format=torch.contiguous_format)  # the common case, one kernel
         else:
             kept = rows.detach().to(self.device, dtype, copy=True, memory_format=torch.contiguous_format)
         self.trace._append(name, placement.first, placement.call, kept)

@@ -372,14 +372,11 @@ class Trace:
         name = site.name if isinstance(site, Site) else site
         if name not in self._sites:
             return None
-        chunks = self._chunks.get((name, self._seq), [])
-        if near and chunks:
-            c = chunks[-1]
-            if c.near is not None and c.call == call and c.start <= position < c.start + c.rows.shape[2]:
-                return c.near[:, :, position - c.start]
-        self._settle()
-        for c in reversed(chunks):
+        for c in reversed(self._chunks.get((name, self._seq), [])):
             if c.call == call and c.start <= position < c.start + c.rows.shape[2]:
+                if near and c.near is not None:
+                    return c.near[:, :, position - c.start]
+                self._settle()
                 return c.rows[:, :, position - c.start]
         return None
 

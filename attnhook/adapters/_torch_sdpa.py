@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._calls import ungraphed
+
 # the function the wrapper calls: what the name held when the wrapper was first installed (kept after the undo,
 # for code that took the wrapper itself by `from torch.nn.functional import scaled_dot_product_attention`)
 _ORIGINAL: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
@@ -66,15 +68,10 @@ def _keep(seen: Seen, args: tuple, kwargs: dict) -> None:
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4
             and (mask is None or isinstance(mask, torch.Tensor)) and not given.get("enable_gqa", False)):
         return
-    # detached only where they are part of a graph (a training step): each detach is one more op per call
-    seen.q, seen.k, seen.mask = _loose(q), _loose(k), None if mask is None else _loose(mask)
+    seen.q, seen.k, seen.mask = ungraphed(q), ungraphed(k), None if mask is None else ungraphed(mask)
     seen.causal = bool(given.get("is_causal", False))
     scale = given.get("scale")
     seen.scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-
-
-def _loose(t: torch.Tensor) -> torch.Tensor:
-    return t.detach() if t.requires_grad else t
 
 
 def install() -> Callable[[], None]:
