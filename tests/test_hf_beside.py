@@ -540,3 +540,40 @@ def test_the_tensors_of_a_site_the_recording_drops_are_let_go_when_its_call_ends
         model.generate(**case.inputs, **GREEDY)
     assert refs and alive and max(alive) == 0
     assert trace.sites and all(s.kind == "cross" for s in trace.sites)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "bert", "vit", "gpt2"])
+def test_the_eager_functions_most_models_copy_give_their_weights_without_the_values(family, dtype):
+    """The common eager functions (Llama's, BERT's, ViT's, GPT-2's, as transformers 5 has them) are recognised,
+    and each one's weights-only twin (no product with the values) gives exactly the function's own weights on
+    the same queries, keys, mask and scaling; grouped keys for Llama's. Another version's function of the same
+    name (transformers 4's GPT-2 applies a head mask and a causal buffer of its own) is run itself."""
+    import importlib
+
+    original = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"),
+                       "eager_attention_forward", None)
+    template = _hf_dispatch._template(original) if original is not None else None
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert template is not None
+    if template is None:
+        pytest.skip(f"transformers {transformers.__version__}: {family}'s eager function is none of the known ones")
+    torch.manual_seed(0)
+    groups = 2 if family == "llama" else 4
+    query, key, value = torch.randn(2, 4, 3, 8), torch.randn(2, groups, 5, 8), torch.randn(2, groups, 5, 8)
+    query, key, value = (t.to(dtype) for t in (query, key, value))
+    mask = torch.zeros(2, 1, 3, 5, dtype=dtype).masked_fill_(torch.rand(2, 1, 3, 5) < 0.3, torch.finfo(dtype).min)
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = 4 // groups
+    for scaling in (0.3, None) if template[1] else (0.3,):
+        _, own = original(module, query, key, value, mask, scaling=scaling, dropout=0.0)
+        twin = template[0](query, key, value, mask, scaling)
+        assert twin.dtype == own.dtype and torch.equal(twin, own)
+
+
+def test_a_function_that_differs_from_every_common_body_by_one_line_has_no_twin():
+    """A model file's eager function that adds one step (Gemma's softcap) is run itself, not a twin."""
+    from transformers.models.gemma2 import modeling_gemma2
+
+    assert _hf_dispatch._template(modeling_gemma2.eager_attention_forward) is None
+    assert _hf_dispatch._template(sharp_eager) is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import re
 import sys
@@ -230,8 +231,10 @@ def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
     # model already runs so: this runs once per recorded call)
     with (torch.no_grad() if torch.is_grad_enabled() else _NOTHING), \
             (_evaluating(part.module) if part.module.training else _NOTHING):
-        if not args and isinstance(kwargs.get("scaling"), float) and _standard(part.eager):
-            return _grouped(query, part.key, mask, kwargs["scaling"])
+        template = _template(part.eager) if not args else None
+        scaling = kwargs.get("scaling")
+        if template is not None and (isinstance(scaling, float) or (scaling is None and template[1])):
+            return template[0](query, part.key, part.value, mask, scaling)
         weights = _weights_of(part, query, mask, args, kwargs)
     if not isinstance(weights, torch.Tensor):
         raise RecordingError(
@@ -270,10 +273,11 @@ def _weights_of(part: Part, query: torch.Tensor, mask, args: tuple, kwargs: dict
     return weights
 
 
-def _grouped(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """The standard eager function's weights (Llama's `eager_attention_forward`, copied by most models), with
-    the same operations in the same order, but grouped query heads multiply their shared key head directly
-    instead of a repeated copy of the keys, and no values are multiplied: only the weights are needed."""
+def _grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+             scaling: float) -> torch.Tensor:
+    """Llama's `eager_attention_forward` (the body most models copy), its weights only, with the same
+    operations in the same order, but grouped query heads multiply their shared key head directly instead of a
+    repeated copy of the keys, and no values are multiplied."""
     batch, heads, rows, dim = query.shape
     groups, keys = key.shape[1], key.shape[2]
     q = query.reshape(batch, groups, heads // groups * rows, dim)
@@ -283,21 +287,70 @@ def _grouped(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
     return torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
 
 
-_STANDARD: dict[Any, bool] = {}
+def _plain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+           scaling: float | None, upcast: bool = False, typed: bool = False) -> torch.Tensor:
+    """BERT's `eager_attention_forward` (and with `upcast`, ViT's: the softmax in float32; with `typed`,
+    GPT-2's: the weights cast to the values' dtype), its weights only: the same operations in the same order,
+    without the product with the values."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if mask is not None:
+        weights = weights + mask
+    if upcast:
+        return torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.softmax(weights, dim=-1)
+    return weights.type(value.dtype) if typed else weights
 
 
-def _standard(fn) -> bool:
-    """Whether `fn` is, line for line, Llama's `eager_attention_forward` (the body most models copy)."""
-    if fn not in _STANDARD:
-        try:
-            from transformers.models.llama import modeling_llama
+# the eager functions most model files copy, as `_body` reads them (statements only), each with its weights-only
+# twin and whether the twin applies when the call passes no scaling (the function's own default then). Literal
+# texts, not the installed files': another version's function of the same name may compute something else
+# (transformers 4's GPT-2 and ViT functions apply a head mask and a causal buffer of their own).
+_TAIL = """attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+attn_output = torch.matmul(attn_weights, {value})
+attn_output = attn_output.transpose(1, 2){contiguous}
+return attn_output, attn_weights"""
+_DEFAULT_SCALING = """if scaling is None:
+scaling = query.size(-1) ** -0.5
+"""
+_LLAMA = """key_states = repeat_kv(key, module.num_key_value_groups)
+value_states = repeat_kv(value, module.num_key_value_groups)
+attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+if attention_mask is not None:
+{mask}attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+""" + _TAIL.format(value="value_states", contiguous=".contiguous()")
+_PLAIN = _DEFAULT_SCALING + """attn_weights = torch.matmul(query, key.transpose({axes})) * scaling
+if attention_mask is not None:
+attn_weights = attn_weights + attention_mask
+attn_weights = nn.functional.softmax(attn_weights, dim=-1{softmax}
+"""
+_TEMPLATES: dict[str, tuple[Callable, bool]] = {
+    # transformers 5 (Llama and the 170 files that copy it), and 4.57 (the mask cut to the keys first)
+    _LLAMA.format(mask="attn_weights = attn_weights + attention_mask\n"): (_grouped, False),
+    _LLAMA.format(mask="causal_mask = attention_mask[:, :, :, : key_states.shape[-2]]\n"
+                       "attn_weights = attn_weights + causal_mask\n"): (_grouped, False),
+    # transformers 5: BERT's (bart, whisper, marian, detr, ... 77 files), ViT's (11), GPT-2's
+    _PLAIN.format(axes="2, 3", softmax=")") + _TAIL.format(value="value", contiguous=".contiguous()"):
+        (_plain, True),
+    _PLAIN.format(axes="2, 3", softmax=", dtype=torch.float32).to(query.dtype)") +
+        _TAIL.format(value="value", contiguous=".contiguous()"): (functools.partial(_plain, upcast=True), True),
+    _PLAIN.format(axes="-1, -2", softmax=")") + "attn_weights = attn_weights.type(value.dtype)\n" +
+        _TAIL.format(value="value", contiguous=""): (functools.partial(_plain, typed=True), True),
+}
+_TEMPLATE_OF: dict[Any, tuple | None] = {}
 
-            template = modeling_llama.eager_attention_forward
-            same = _body(fn) == _body(template) and getattr(fn, "__globals__", {}).get("repeat_kv") is not None
-            _STANDARD[fn] = same and _body(template) != ""
-        except (ImportError, AttributeError):
-            _STANDARD[fn] = False
-    return _STANDARD[fn]
+
+def _template(fn) -> tuple | None:
+    """`(weights-only twin, applies without scaling)` when `fn` is, statement for statement, one of the
+    functions of `_TEMPLATES` (Llama's also needs a `repeat_kv` beside it), else None: the function itself is
+    run."""
+    if fn not in _TEMPLATE_OF:
+        found = _TEMPLATES.get(_body(fn))
+        if found is not None and found[0] is _grouped and getattr(fn, "__globals__", {}).get("repeat_kv") is None:
+            found = None
+        _TEMPLATE_OF[fn] = found
+    return _TEMPLATE_OF[fn]
 
 
 def _body(fn) -> str:
