@@ -167,8 +167,9 @@ def build_vit_gpt2(name: str, tokens: int, device: str, dtype: torch.dtype) -> C
     inputs = {"pixel_values": torch.randn(1, 3, 224, 224, generator=gen).to(device=device, dtype=dtype)}
     options = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False}
     modes = {"sdpa": ("sdpa", None), "sdpa again (A/A)": ("sdpa", None), "eager": ("eager", None),
-             "floor all": ("sdpa", "floor:all"), "floor cross": ("sdpa", "floor:cross:197"),
-             "attnhook cross": ("sdpa", {"sites": "cross"}), "attnhook all": ("sdpa", {"sites": "all"})}
+             "floor all": ("sdpa", "floor:all"), "floor decoder": ("sdpa", "floor:decoder:197"),
+             "floor cross": ("sdpa", "floor:cross:197"), "attnhook cross": ("sdpa", {"sites": "cross"}),
+             "attnhook decoder": ("sdpa", {"sites": "decoder.*"}), "attnhook all": ("sdpa", {"sites": "all"})}
     return Case(name, model, lambda: model.generate(**inputs, **options), modes,
                 f"ViT-base (197 tokens) + GPT-2 768 x 6 layers (of 12), {tokens} new tokens; eager = both",
                 dtype)
@@ -255,6 +256,9 @@ def floor_run(case: Case, rows: str = "last"):
             kept.append(weights(q, k, last=False))
         elif rows.startswith("cross:"):  # the calls over the encoder's keys (their number given), not its own
             if k.shape[2] == int(rows.split(":")[1]) != q.shape[2]:
+                kept.append(weights(q, k, last=False))
+        elif rows.startswith("decoder:"):  # every call but the encoder's own (its tokens, their number given)
+            if q.shape[2] != int(rows.split(":")[1]) and k.shape[1] == q.shape[1]:
                 kept.append(weights(q, k, last=False))
         elif rows == "last":
             seen.append((q, k))
