@@ -577,3 +577,33 @@ def test_a_function_that_differs_from_every_common_body_by_one_line_has_no_twin(
 
     assert _hf_dispatch._template(modeling_gemma2.eager_attention_forward) is None
     assert _hf_dispatch._template(sharp_eager) is None
+
+
+class SplitAttention(RemoteAttention):
+    """Calls the attention function twice per call: all queries over the first keys, then the last two
+    queries again (a shape no rule lays out as one row per position)."""
+
+    def forward(self, hidden_states):
+        b, n, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sharp_eager)
+        first, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)
+        again, _ = attention_interface(self, q[:, :, -2:], k, v, None, scaling=self.scaling)
+        return first.reshape(b, n, 32) + again.reshape(b, 2, 32).sum(1, keepdim=True), None
+
+
+SplitAttention.__module__ = "transformers_modules.remote.modeling_remote"
+
+
+def test_calls_of_the_attention_function_that_are_not_blocks_of_the_queries_are_refused():
+    """Two calls in one, over 5 and 2 queries, for 5 queries of its own: refused in one line, not laid out as
+    7 positions."""
+    if not hasattr(AttentionInterface, "get_interface"):
+        pytest.skip("transformers 4 has no AttentionInterface.get_interface")
+    config = transformers.PretrainedConfig()
+    config._attn_implementation = "sdpa"
+    module = SplitAttention(config, "get_interface")
+    with pytest.raises(SpecError, match=r"2 times in one call, over 5, 2 queries, for 5 queries of its own"):
+        with ah.record(module):
+            module(torch.randn(2, 5, 32))
+    assert unpatched()

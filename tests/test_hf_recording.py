@@ -219,3 +219,107 @@ def test_transformers_stays_optional():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_cache_layer_named_layer_id_places_every_layer_from_the_same_first_position():
+    """GPT-Neo's attention tells its cache layer by `layer_id`, not `layer_idx`. Every layer's rows start at
+    position 0 of the prompt and follow the tokens (before: the second layer read the first layer's cache
+    length, already grown by this step, and put the prompt at positions 7..13 without a word); each row
+    equals the eager model's own weights at that position."""
+    torch.manual_seed(0)
+    config = transformers.GPTNeoConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, window_size=5,
+                                       attention_types=[[["global", "local"], 1]], max_position_embeddings=64,
+                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.GPTNeoForCausalLM(config).eval()
+    ids = torch.randint(3, 99, (2, 7))
+    with ah.record(model, rows="all") as trace:
+        model(ids)
+    reference = model(ids, output_attentions=True).attentions  # GPT-Neo computes eagerly: its own weights
+    assert [s.name for s in trace.sites] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    for site, own in zip(trace.sites, reference, strict=True):
+        assert trace.positions(site).tolist() == list(range(7))
+        torch.testing.assert_close(trace.weights(site), own.transpose(1, 2), atol=1e-6, rtol=0)
+    with ah.record(model) as trace:
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    for site in trace.sites:
+        assert trace.positions(site).tolist() == [6, 7, 8]  # the rows that produced the three tokens
+    assert torch.equal(out, model.generate(ids, max_new_tokens=3, do_sample=False, min_new_tokens=3))
+
+
+def test_a_module_that_calls_the_attention_function_twice_on_the_same_queries_keeps_one_row_per_position():
+    """DiffLlama calls the attention function twice per layer, on the same queries and keys (once per half of
+    its values): one row per position, equal to the eager model's own weights (before: both calls' rows, as
+    if the layer had 14 queries, at positions 0..13)."""
+    torch.manual_seed(0)
+    config = transformers.DiffLlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
+                                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.DiffLlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 99, (2, 7))
+    ref = model(ids).logits
+    with ah.record(model, rows="all") as trace:
+        out = model(ids).logits
+    assert torch.equal(out, ref)
+    model.set_attn_implementation("eager")
+    own = model(ids, output_attentions=True).attentions
+    assert len(trace.sites) == len(own) == 2
+    for site, weights in zip(trace.sites, own, strict=True):
+        assert trace.positions(site).tolist() == list(range(7))
+        torch.testing.assert_close(trace.weights(site), weights.transpose(1, 2), atol=1e-5, rtol=0)
+    with ah.record(model, rows="all") as trace:  # eager: the weights the function returns, once per position
+        model(ids)
+    assert all(trace.positions(site).tolist() == list(range(7)) for site in trace.sites)
+
+
+@pytest.mark.parametrize("shape", [{"multi_query": True}, {"new_decoder_architecture": True, "num_kv_heads": 2},
+                                   {"alibi": True}], ids=["multi-query", "grouped", "alibi"])
+def test_a_module_that_calls_the_fused_kernel_itself_is_recorded_from_the_kernels_inputs(shape):
+    """Falcon under sdpa calls torch's kernel itself unless asked for weights; asked, it runs another
+    computation (under sdpa, that one adds the boolean mask to the scores: logits off by 0.1). Nothing is
+    forced: the logits are bit-identical, `meta` says `kernel`, and the rows are the softmax of what the kernel
+    was given, checked against a plain wrapper of the kernel written here (and, without alibi, against the
+    same weights loaded for eager attention: its own weights)."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       **shape)
+    model = transformers.FalconForCausalLM(config).eval()
+    ids = torch.randint(3, 99, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0  # left padding in the second row
+    ref = model(ids, attention_mask=mask).logits
+    seen, kernel = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        seen.append((q, k, attn_mask, is_causal))
+        return kernel(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with ah.record(model, rows="all") as trace:
+            out = model(ids, attention_mask=mask).logits
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = kernel
+    assert torch.equal(out, ref)
+    meta = trace.meta["transformers"]
+    assert set(meta["sites"].values()) == {"kernel"} and "forced" not in meta
+    assert len(seen) == len(trace.sites) == 2
+    for site, (q, k, m, causal) in zip(trace.sites, seen, strict=True):
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        assert not causal and m is not None
+        expected = (scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m).softmax(-1)
+        assert trace.positions(site).tolist() == list(range(7))
+        torch.testing.assert_close(trace.weights(site), expected.transpose(1, 2), atol=1e-6, rtol=0,
+                                   equal_nan=True)
+    if not shape.get("alibi"):
+        config._attn_implementation = "eager"
+        eager = transformers.FalconForCausalLM(config).eval()
+        eager.load_state_dict(model.state_dict())
+        own = eager(ids, attention_mask=mask, output_attentions=True).attentions
+        for site, weights in zip(trace.sites, own, strict=True):
+            torch.testing.assert_close(trace.weights(site)[0], weights.transpose(1, 2)[0], atol=1e-6, rtol=0)
+            torch.testing.assert_close(trace.weights(site)[1, 2:], weights.transpose(1, 2)[1, 2:], atol=1e-6, rtol=0)
+    with ah.record(model) as trace:
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(tokens, model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3,
+                                              do_sample=False))
+    assert all(trace.positions(site).tolist() == [6, 7, 8] for site in trace.sites)

@@ -64,10 +64,11 @@ _LAYER_IDX: "weakref.WeakKeyDictionary[nn.Module, int | None]" = weakref.WeakKey
 
 
 def _layer_idx(module: nn.Module) -> int | None:
-    """The cache layer index of the module, or of the first module inside it that has one."""
+    """The cache layer index of the module, or of the first module inside it that has one (`layer_idx`, or
+    `layer_id` in the few files that call it so: GPT-Neo, XLM, Longformer)."""
     if module not in _LAYER_IDX:
-        found = (getattr(m, "layer_idx", None) for m in module.modules())
-        _LAYER_IDX[module] = next((i for i in found if isinstance(i, int)), None)
+        found = (getattr(m, name, None) for m in module.modules() for name in ("layer_idx", "layer_id"))
+        _LAYER_IDX[module] = next((i for i in found if isinstance(i, int) and not isinstance(i, bool)), None)
     return _LAYER_IDX[module]
 
 
@@ -94,8 +95,10 @@ def _cache_length(call: Call) -> int | None:
         return None
     cache = getattr(cache, "self_attention_cache", cache)
     idx = _layer_idx(call.module)
+    if idx is None:  # the cache's first layer would be a guess: from the second layer on, this step is in it
+        return None
     try:
-        n = cache.get_seq_length(idx) if idx is not None else cache.get_seq_length()
+        n = cache.get_seq_length(idx)
     except (IndexError, KeyError, TypeError):
         return None
     return int(n)

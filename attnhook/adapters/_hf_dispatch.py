@@ -40,25 +40,41 @@ class Part:
     """One call of the attention function inside a recorded site: the weights it returned (eager), or what
     is needed to compute them (the function's own inputs and the eager fallback)."""
 
-    __slots__ = ("weights", "module", "eager", "query", "key", "value", "mask", "args", "kwargs")
+    __slots__ = ("weights", "module", "eager", "query", "key", "value", "mask", "args", "kwargs", "seen")
 
     def __init__(self, weights=None, module=None, eager=None, query=None, key=None, value=None, mask=None,
-                 args=(), kwargs=None):
+                 args=(), kwargs=None, seen=None):
         self.weights, self.module, self.eager = weights, module, eager
         self.query, self.key, self.value, self.mask = query, key, value, mask
         self.args, self.kwargs = args, kwargs or {}
+        self.seen = seen  # what a module that calls torch's fused kernel itself gave it (`_torch_sdpa.Seen`)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         if self.weights is not None:
             return tuple(self.weights.shape)
-        q, k = self.query, self.key
+        q, k = (self.seen.q, self.seen.k) if self.seen is not None else (self.query, self.key)
         return q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+
+    def repeats(self, other: "Part") -> bool:
+        """Whether this call gives the weights `other` gave: the very same queries, keys and mask, the same
+        other arguments (tensors by identity), only the values may differ (DiffLlama calls the function twice,
+        once per half of its values)."""
+        if self.query is None or self.query is not other.query or self.key is not other.key or \
+                self.mask is not other.mask or len(self.args) != len(other.args) or \
+                self.kwargs.keys() != other.kwargs.keys():
+            return False
+        pairs = [*zip(self.args, other.args), *((self.kwargs[k], other.kwargs[k]) for k in self.kwargs)]
+        return all(a is b or (not isinstance(a, torch.Tensor) and type(a) is type(b) and a == b) for a, b in pairs)
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         """Weights `(batch, heads, hi - lo, keys)` of query rows `lo:hi`."""
         if self.weights is not None:
             return self.weights[:, :, lo:hi]
+        if self.seen is not None:
+            from . import _torch_sdpa
+
+            return _torch_sdpa.rows(self.seen, lo, hi)
         return _side(self, lo, hi)
 
 
@@ -93,7 +109,7 @@ class _Dispatch:
             weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
             dropping = module.training and bool(kwargs.get("dropout"))  # eager weights would come after dropout
             if self.fn is eager and isinstance(weights, torch.Tensor) and not dropping:
-                slot.parts.append(Part(weights=weights))
+                slot.parts.append(Part(weights, query=query, key=key, mask=attention_mask, args=args, kwargs=kwargs))
             elif eager is None:
                 raise RecordingError(
                     f"{type(module).__name__} passed no eager function to transformers' attention interface "

@@ -66,7 +66,7 @@ def _keep(seen: Seen, args: tuple, kwargs: dict) -> None:
     q, k = given.get("query"), given.get("key")
     mask = given.get("attn_mask")
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4
-            and (mask is None or isinstance(mask, torch.Tensor)) and not given.get("enable_gqa", False)):
+            and (mask is None or isinstance(mask, torch.Tensor))):
         return
     seen.q, seen.k, seen.mask = ungraphed(q), ungraphed(k), None if mask is None else ungraphed(mask)
     seen.causal = bool(given.get("is_causal", False))
@@ -148,6 +148,8 @@ def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
             return rows(seen, lo, hi)
     n, h, _, d = q.shape
     keys, l = k.shape[2], hi - lo
+    if k.shape[1] != h:  # fewer key heads (multi-query, grouped): each shares its key head with a group
+        return _grouped(seen, lo, hi)
     # one batched product of (N * H) small matrices, on views of the kernel's own queries and keys (batch
     # and heads merge without a copy in the layouts the module makes), the scale and an additive mask
     # applied by the same call, as the module's own weights path does (baddbmm)
@@ -169,5 +171,26 @@ def rows(seen: Seen, lo: int, hi: int) -> torch.Tensor:
         scores = torch.baddbmm(add, qr, kt, alpha=seen.scale)
     scores = scores.view(n, h, l, keys)
     if mask is not None:  # boolean: True takes part
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1)
+
+
+def _grouped(seen: Seen, lo: int, hi: int) -> torch.Tensor:
+    """`rows()` where the kernel was given fewer key heads than query heads (as `enable_gqa` or broadcasting
+    pair them: key head `i` serves query heads `i * h / g` to `(i + 1) * h / g - 1`), without repeating them."""
+    q, k, mask = seen.q, seen.k, seen.mask
+    assert q is not None and k is not None and seen.scale is not None
+    n, h, _, d = q.shape
+    g, keys, l = k.shape[1], k.shape[2], hi - lo
+    qr = q[:, :, lo:hi].reshape(n * g, h // g * l, d)
+    scores = torch.bmm(qr, k.expand(n, g, keys, d).reshape(n * g, keys, d).transpose(1, 2))
+    scores = scores.view(n, h, l, keys).mul_(seen.scale)
+    if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+        mask = mask[..., lo:hi, :]
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask
+    if seen.causal:
+        scores = scores + _causal(lo, hi, keys, q.dtype, q.device)
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(-1)

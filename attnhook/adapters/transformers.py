@@ -11,7 +11,9 @@ How weights come out, per site, in this order (decided before the model runs):
    `_can_record_outputs` of their sub-model: a forward hook reads `output[index]`.
 3. **Legacy flag.** Modules whose `forward` takes `output_attentions` are called with it set, and the caller
    gets `None` back in that slot if it did not ask. This is the one path that changes what runs;
-   `trace.meta["transformers"]["forced"]` lists its sites.
+   `trace.meta["transformers"]["forced"]` lists its sites. Except (**kernel**) where, under sdpa, the module
+   calls torch's fused kernel itself unless asked (Falcon): forcing would switch its computation, so the
+   kernel's inputs are kept on the way instead (`_torch_sdpa`), and nothing is forced.
 
 Everything is restored on exit: the lookups are patched only while some recording is active, and a
 recording's plan is found through a context variable, so other threads and other recordings never see it.
@@ -28,7 +30,7 @@ from torch import nn
 
 from ..errors import RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
-from . import _hf_dispatch
+from . import _hf_dispatch, _torch_sdpa
 from ._hf_call import (_CACHE_ARGS, _appends_weights, _arg, _heads, _kind, _lengths, _params, _sdpa_only,
                        _source, _start, _uses_interface, _wraps_mha)
 from ._hf_dispatch import Part, plan_of
@@ -134,10 +136,17 @@ class _Recording(ImageInputs):
             return
         flagged = [m for m in site.modules() if "output_attentions" in _params(type(m))]
         if flagged:
-            slot = _Slot(self, site, "flag", token_decoder)
             # the innermost one: forcing it and giving back what was asked keeps every wrapper's indexing
             inner = flagged[-1]
             appends = _appends_weights(type(inner))
+            if _calls_kernel(inner):
+                # it calls torch's fused kernel itself unless asked for weights (Falcon): forcing the flag would
+                # switch it to another computation; the kernel's queries, keys and mask are kept instead
+                slot = _Slot(self, site, "kernel", token_decoder)
+                self._kernel(slot, inner, -1 if appends else 1)
+                self._add_slot(site, slot)
+                return
+            slot = _Slot(self, site, "flag", token_decoder)
             self._capture(slot, inner, -1 if appends else 1, appends)
             self._add_slot(site, slot)
             return
@@ -216,6 +225,37 @@ class _Recording(ImageInputs):
             if hits:
                 return hits
         return []
+
+    def _kernel(self, slot: _Slot, module: nn.Module, index: int) -> None:
+        """Keep what `module` hands `torch.nn.functional.scaled_dot_product_attention` (`_torch_sdpa`); nothing
+        is forced. A call that computes its weights itself instead (its caller asked for them) hands those."""
+        undo = _torch_sdpa.install()
+        self.handles.append(_Removal(undo))
+        states: list[dict] = []
+
+        def before(mod, args):
+            if slot.released or not self.mine():
+                return
+            state: dict = {}
+            _torch_sdpa.open_for(state)
+            states.append(state)
+
+        def after(mod, args, output):
+            if not states:
+                return
+            state = states.pop()
+            _torch_sdpa.close(state)
+            if slot.released or not self.mine():
+                return
+            seen = state["sdpa"]
+            weights = output[index] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+            if isinstance(weights, torch.Tensor):
+                slot.parts.append(Part(weights=weights))
+            elif seen.q is not None:
+                slot.parts.append(Part(seen=seen))
+
+        self.handles.append(module.register_forward_pre_hook(before))
+        self.handles.append(module.register_forward_hook(after, prepend=True, always_call=True))
 
     def _capture(self, slot: _Slot, module: nn.Module, index: int, appends: bool = False) -> None:
         """Hook `module` so that its `output[index]` goes to the slot, forcing `output_attentions` if it has it.
@@ -371,6 +411,19 @@ def _prepare(session):
     return recording.undo
 
 
+class _Removal:
+    """An undo function, removed like a hook handle."""
+
+    def __init__(self, undo) -> None:
+        self.remove = undo
+
+
+def _calls_kernel(module: nn.Module) -> bool:
+    """Whether the module runs under sdpa and calls torch's fused kernel in its own forward."""
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    return impl == "sdpa" and "scaled_dot_product_attention(" in _source(type(module))
+
+
 def _slot_of(module: nn.Module) -> _Slot | None:
     plan = plan_of(module)
     return plan.recording.slots.get(module) if plan is not None else None
@@ -387,7 +440,10 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
             "interface this time; if it has several code paths, record it with a spec of its own "
             "(attnhook.register(attnhook.AttentionSpec(...)))."
         )
+    parts = [p for i, p in enumerate(parts) if not any(p.repeats(q) for q in parts[:i])]
     (batch, heads, queries, keys), packed = _assemble(parts)
+    if len(parts) > 1:
+        _check_split(call, parts, queries)
     offset = 0
     if call.state.get("kind", "self") == "self":
         start = call.state.get("start")
@@ -405,6 +461,22 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
                       # weights the module returned itself in train() mode come after its dropout
                       training=call.module.training and slot.how != "interface")
     return batch, heads, queries, keys
+
+
+def _check_split(call: Call, parts: list[Part], queries: int) -> None:
+    """Several calls of the attention function in one call of the site are taken as consecutive blocks of
+    its queries (packed images, query chunks): refused when their queries do not add up to the site's."""
+    h = _queries(call)
+    if h is None:
+        h = next((a for a in call.args if isinstance(a, torch.Tensor)), None)
+    own = None if h is None or h.dim() < 2 else h.shape[-2]
+    if own != queries:
+        counts = ", ".join(str(p.shape[2]) for p in parts)
+        raise SpecError(
+            f"{type(call.module).__name__} called the attention function {len(parts)} times in one call, over "
+            f"{counts} queries, for {own if own is not None else 'an unknown number of'} queries of its own: "
+            "attnhook cannot tell which rows are which. Leave the site out with record(model, sites=...), or "
+            "describe it with attnhook.register(attnhook.AttentionSpec(...)).")
 
 
 def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
