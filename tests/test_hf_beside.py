@@ -607,3 +607,60 @@ def test_calls_of_the_attention_function_that_are_not_blocks_of_the_queries_are_
         with ah.record(module):
             module(torch.randn(2, 5, 32))
     assert unpatched()
+
+
+def broken_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A fallback that fails whatever it is given."""
+    raise IndexError("tuple index out of range")
+
+
+class BrokenAttention(RemoteAttention):
+    def forward(self, hidden_states):
+        b, n, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, broken_eager)
+        out, weights = attention_interface(self, q, k, v, None, scaling=self.scaling)
+        return out.reshape(b, n, 32), weights
+
+
+BrokenAttention.__module__ = "transformers_modules.remote.modeling_remote"
+
+
+def test_a_fallback_that_fails_beside_the_call_is_said_in_one_line():
+    """The model's own eager function raising inside attnhook's side computation: a RecordingError naming the
+    class, the function and what it raised (not the function's bare IndexError), and nothing left behind."""
+    if not hasattr(AttentionInterface, "get_interface"):
+        pytest.skip("transformers 4 has no AttentionInterface.get_interface")
+    config = transformers.PretrainedConfig()
+    config._attn_implementation = "sdpa"
+    module = BrokenAttention(config, "get_interface")
+    with pytest.raises(RecordingError, match=r"BrokenAttention: its eager function 'broken_eager' failed computing "
+                                             r"the weights beside the call \(IndexError: tuple index out of range\)"):
+        with ah.record(module):
+            module(torch.randn(2, 5, 32))
+    assert unpatched()
+
+
+def test_an_eager_function_that_adds_its_mask_unconditionally_gets_one_where_sdpa_had_none():
+    """ModernBERT-decoder's eager function adds the mask without a check (its eager path always builds one);
+    under sdpa a decoding step with one query has none. The rows of every step are recorded (before: a
+    TypeError out of generate) and equal the eager model's own weights, which it returns at each step."""
+    torch.manual_seed(0)
+    config = transformers.ModernBertDecoderConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=37,
+                                                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                                                  pad_token_id=0, global_attn_every_n_layers=1)
+    model = transformers.ModernBertDecoderForCausalLM(config).eval()
+    ids = torch.randint(3, 99, (1, 7))
+    options = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "return_dict_in_generate": True}
+    ref = model.generate(ids, **options)
+    with ah.record(model) as trace:
+        out = model.generate(ids, **options)
+    assert torch.equal(out.sequences, ref.sequences)
+    model.set_attn_implementation("eager")
+    own = model.generate(ids, output_attentions=True, **options).attentions  # per step, per layer
+    for layer, site in enumerate(trace.sites):
+        assert trace.positions(site).tolist() == [6, 7, 8]
+        for i, step in enumerate(own):  # each step's last query row
+            torch.testing.assert_close(trace.weights(site)[:, i, :, :7 + i], step[layer][:, :, -1], atol=1e-5,
+                                       rtol=0)

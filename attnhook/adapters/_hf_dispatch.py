@@ -251,6 +251,8 @@ def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
         scaling = kwargs.get("scaling")
         if template is not None and (isinstance(scaling, float) or (scaling is None and template[1])):
             return template[0](query, part.key, part.value, mask, scaling)
+        if mask is None:  # some eager functions add the mask unconditionally (their eager path always builds
+            mask = query.new_zeros(1, 1, query.shape[2], part.key.shape[2])  # one): adding zeros changes nothing
         weights = _weights_of(part, query, mask, args, kwargs)
     if not isinstance(weights, torch.Tensor):
         raise RecordingError(
@@ -281,12 +283,22 @@ def _weights_of(part: Part, query: torch.Tensor, mask, args: tuple, kwargs: dict
         else:
             if narrow:
                 return weights
-            _, real = fn(part.module, query, part.key, value, mask, *args, **kwargs)
+            real = _eager_weights(part, query, value, mask, args, kwargs)
             _NARROW[fn] = isinstance(weights, torch.Tensor) and isinstance(real, torch.Tensor) and \
                 torch.equal(weights, real)
             return real
-    _, weights = fn(part.module, query, part.key, value, mask, *args, **kwargs)
-    return weights
+    return _eager_weights(part, query, value, mask, args, kwargs)
+
+
+def _eager_weights(part: Part, query: torch.Tensor, value, mask, args: tuple, kwargs: dict):
+    """The eager function's weights with the real values; its failure is said as attnhook's, in one line."""
+    try:
+        return part.eager(part.module, query, part.key, value, mask, *args, **kwargs)[1]
+    except Exception as e:  # noqa: BLE001 -- the model's own function, called beside the call: say which
+        raise RecordingError(
+            f"{type(part.module).__name__}: its eager function {getattr(part.eager, '__name__', part.eager)!r} "
+            f"failed computing the weights beside the call ({type(e).__name__}: {e}). Leave the site out with "
+            "record(model, sites=...), or describe it with an AttentionSpec.") from e
 
 
 def _grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
