@@ -65,7 +65,9 @@ def as_rows(spec, name: str, weights, first: bool, training: bool, sinks: bool =
         over = bool((sums[live] > 1 + 1e-2).any())
         under = not sinks and bool((sums[live] < 1 - 1e-2).any())
         if negative or over or under:
-            hint = ("read the softmax output, not the scores or the attended values" if not training else
+            hint = ("read the softmax output, not the scores or the attended values; a module that computes no "
+                    "softmax attention (the linear or state-space layer of a hybrid model) has no such rows: leave "
+                    "it out with record(model, sites=...)" if not training else
                     "the module is in train() mode, and its weights come after dropout: record in eval() mode "
                     "(model.eval())")
             raise SpecError(

@@ -250,6 +250,8 @@ def test_a_module_that_calls_the_attention_function_twice_on_the_same_queries_ke
     """DiffLlama calls the attention function twice per layer, on the same queries and keys (once per half of
     its values): one row per position, equal to the eager model's own weights (before: both calls' rows, as
     if the layer had 14 queries, at positions 0..13)."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4's DiffLlama builds an sdpa-only class under sdpa (refused before it runs)")
     torch.manual_seed(0)
     config = transformers.DiffLlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
@@ -323,3 +325,51 @@ def test_a_module_that_calls_the_fused_kernel_itself_is_recorded_from_the_kernel
     assert torch.equal(tokens, model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3,
                                               do_sample=False))
     assert all(trace.positions(site).tolist() == [6, 7, 8] for site in trace.sites)
+
+
+def test_keys_a_module_adds_past_its_positions_are_kept_unless_the_cache_is_static():
+    """DeepSeek-V4 appends compressed entries to its keys (more keys than positions, in a dynamic cache): they
+    are attended to and kept, so the rows equal the model's own weights. Only a static cache's key axis is cut
+    to the filled slots (`test_static_cache_is_trimmed_to_the_filled_slots`); before, any call with more keys
+    than positions was cut, dropping a third of some rows' mass without a word."""
+    if not hasattr(transformers, "DeepseekV4Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no DeepSeek-V4")
+    torch.manual_seed(0)
+    config = transformers.DeepseekV4Config(
+        vocab_size=99, hidden_size=64, moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=8, q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=4,
+        max_position_embeddings=128, layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "moe"], sliding_window=5, o_lora_rank=16, index_n_heads=4, index_head_dim=16,
+        qk_rope_head_dim=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.DeepseekV4ForCausalLM(config).eval()
+    ids = torch.randint(3, 99, (2, 7))
+    with ah.record(model, rows="all") as trace:
+        model(ids)
+    own = model(ids, output_attentions=True).attentions
+    assert any(weights.shape[-1] > 7 for weights in own)  # keys past the positions: the compressed entries
+    for site, weights in zip(trace.sites, own, strict=True):
+        assert trace.weights(site).shape[-1] == weights.shape[-1]
+        torch.testing.assert_close(trace.weights(site), weights.transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_sinks_the_attention_function_is_given_in_the_call_keep_their_mass():
+    """Inkling2 projects its attention sinks from the hidden states and hands them to the attention function
+    (`sinks=...`; no `sinks` parameter on the module): its rows sum to less than 1, are kept as they are (not
+    refused as "not probabilities"), equal the model's own weights, and `meta` names the sites."""
+    if not hasattr(transformers, "Inkling2TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Inkling2")
+    torch.manual_seed(0)
+    config = transformers.Inkling2TextConfig(
+        vocab_size=99, unpadded_vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+        sliding_window_size=5, layer_types=["hybrid_sliding", "hybrid"], max_position_embeddings=128,
+        moe_intermediate_size=40, n_routed_experts=4, num_experts_per_tok=2, eos_token_id=2)
+    model = transformers.Inkling2ForCausalLM(config).eval()
+    ids = torch.randint(3, 99, (2, 7))
+    with ah.record(model, rows="all") as trace:
+        model(ids)
+    own = model(ids, output_attentions=True).attentions
+    assert trace.meta["transformers"]["sinks"] == [s.name for s in trace.sites]
+    for site, weights in zip(trace.sites, own, strict=True):
+        assert bool((trace.weights(site).sum(-1) < 0.999).any())  # the rest went to the sinks
+        torch.testing.assert_close(trace.weights(site), weights.transpose(1, 2), atol=1e-6, rtol=0)

@@ -104,6 +104,18 @@ def _cache_length(call: Call) -> int | None:
     return int(n)
 
 
+def _static_cache(call: Call) -> bool:
+    """Whether the call's cache has a fixed size (a static cache: its key axis is the cache size, its slots
+    past the tokens written so far are empty), as opposed to keys that are all real (a dynamic cache, or keys
+    a module adds itself: DeepSeek-V4's compressed entries)."""
+    for name in _CACHE_ARGS:
+        cache = _arg(call.module, call.args, call.kwargs, name)
+        if cache is not None:
+            cache = getattr(cache, "self_attention_cache", cache)
+            return getattr(cache, "is_compileable", False) is True
+    return False
+
+
 def _first_position(position: torch.Tensor, plan) -> int:
     """`int(position[0])`, read back from the device once per position tensor (`Plan.position`)."""
     if plan is None:

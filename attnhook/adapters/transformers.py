@@ -32,7 +32,7 @@ from ..errors import RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
 from . import _hf_dispatch, _torch_sdpa
 from ._hf_call import (_CACHE_ARGS, _appends_weights, _arg, _heads, _kind, _lengths, _params, _sdpa_only,
-                       _source, _start, _uses_interface, _wraps_mha)
+                       _source, _start, _static_cache, _uses_interface, _wraps_mha)
 from ._hf_dispatch import Part, plan_of
 from ._hf_inputs import ImageInputs
 
@@ -411,6 +411,19 @@ def _prepare(session):
     return recording.undo
 
 
+def _sinks_given(slot: _Slot, parts: list[Part]) -> bool:
+    """Whether the attention function was given sinks computed in the call (Inkling2 projects them from the
+    hidden states: `sinks=...`, not a parameter of the module); the site is then named in `meta["sinks"]`."""
+    if not any(isinstance(p.kwargs.get("sinks"), torch.Tensor) for p in parts):
+        return False
+    name = slot.recording.names.get(slot.module, "?")
+    named = slot.recording.trace.meta.setdefault("transformers", {}).setdefault("sinks", [])
+    if name not in named:
+        named.append(name)
+        named.sort()
+    return True
+
+
 class _Removal:
     """An undo function, removed like a hook handle."""
 
@@ -447,7 +460,7 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
     offset = 0
     if call.state.get("kind", "self") == "self":
         start = call.state.get("start")
-        if start is not None and keys > start + queries:  # static cache: drop the slots not filled yet
+        if start is not None and keys > start + queries and _static_cache(call):  # drop the slots not filled yet
             keys = start + queries
         if slot.token_decoder and (start or 0) == 0:
             slot.recording.prepended(queries, batch)
@@ -457,7 +470,7 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
             call.state["start"] = start + queries - 1
             offset, queries = queries - 1, 1
     call.state.update(parts=parts, packed=packed, offset=offset, keys=keys,
-                      sinks=getattr(slot.module, "sinks", None) is not None,
+                      sinks=getattr(slot.module, "sinks", None) is not None or _sinks_given(slot, parts),
                       # weights the module returned itself in train() mode come after its dropout
                       training=call.module.training and slot.how != "interface")
     return batch, heads, queries, keys
