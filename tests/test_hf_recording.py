@@ -373,3 +373,25 @@ def test_sinks_the_attention_function_is_given_in_the_call_keep_their_mass():
     for site, weights in zip(trace.sites, own, strict=True):
         assert bool((trace.weights(site).sum(-1) < 0.999).any())  # the rest went to the sinks
         torch.testing.assert_close(trace.weights(site), weights.transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_weights_returned_with_batch_and_heads_merged_are_laid_out_per_head():
+    """GOT-OCR2's SAM-style vision attention returns `(batch * heads, queries, keys)`: laid out per head, batch
+    major, equal to what the module returns (before: a ValueError out of the model). Its windowed layers run
+    each window as a batch row, and so do their rows."""
+    from transformers.models.got_ocr2 import modeling_got_ocr2
+
+    torch.manual_seed(0)
+    config = modeling_got_ocr2.GotOcr2VisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=64, patch_size=16,
+                                                   window_size=2, global_attn_indexes=[1], mlp_dim=37)
+    encoder = modeling_got_ocr2.GotOcr2VisionEncoder(config).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with ah.record(encoder) as trace:
+        encoder(x)
+    own = encoder(x, output_attentions=True).attentions  # (batch * heads, queries, keys) per layer
+    for site, weights in zip(trace.sites, own, strict=True):
+        expected = weights.view(-1, 4, *weights.shape[1:]).transpose(1, 2)
+        assert trace.weights(site).shape == expected.shape
+        torch.testing.assert_close(trace.weights(site), expected, atol=0, rtol=0)
+    assert trace.weights(trace.sites[1]).shape == (2, 16, 4, 16)  # the global layer: one row set per image

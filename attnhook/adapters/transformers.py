@@ -453,7 +453,7 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
             "interface this time; if it has several code paths, record it with a spec of its own "
             "(attnhook.register(attnhook.AttentionSpec(...)))."
         )
-    parts = [p for i, p in enumerate(parts) if not any(p.repeats(q) for q in parts[:i])]
+    parts = [_per_head(call, p) for i, p in enumerate(parts) if not any(p.repeats(q) for q in parts[:i])]
     (batch, heads, queries, keys), packed = _assemble(parts)
     if len(parts) > 1:
         _check_split(call, parts, queries)
@@ -474,6 +474,26 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
                       # weights the module returned itself in train() mode come after its dropout
                       training=call.module.training and slot.how != "interface")
     return batch, heads, queries, keys
+
+
+def _per_head(call: Call, part: Part) -> Part:
+    """Weights a module returns as `(batch * heads, queries, keys)` (SAM-style vision attention: GOT-OCR2)
+    laid out `(batch, heads, queries, keys)`, batch major as torch and transformers merge them; `(batch,
+    queries, keys)` as one head. Refused when the first axis is neither."""
+    w = part.weights
+    if w is None or w.dim() != 3:
+        return part
+    h = _queries(call)
+    h = h if h is not None else next((a for a in call.args if isinstance(a, torch.Tensor)), None)
+    batch, heads = (h.shape[0] if h is not None and h.dim() >= 3 else None), _heads(call.module)
+    if batch is not None and w.shape[0] == batch:
+        return Part(weights=w[:, None])
+    if batch is not None and heads and w.shape[0] == batch * heads:
+        return Part(weights=w.view(batch, heads, *w.shape[1:]))
+    raise SpecError(
+        f"{type(call.module).__name__} returned weights of shape {tuple(w.shape)}: three axes, the first "
+        f"neither its batch ({batch}) nor batch x heads ({heads}). Describe it with "
+        "attnhook.register(attnhook.AttentionSpec(...)) to say how its weights are laid out.")
 
 
 def _check_split(call: Call, parts: list[Part], queries: int) -> None:
