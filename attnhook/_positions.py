@@ -40,6 +40,8 @@ class Event:             # nothing changes an Event once made
             are not, None when the spec cannot tell.
         memory: one fingerprint per batch row of what the queries attend over (cross-attention), or None.
         recorded: False for a call that is only watched to follow the position (no rows to place).
+        fresh: True when the call says it is the first of its run (its cache was empty), whatever rows of it
+            are kept (a prompt kept to its last row starts where the last run may have ended).
     """
 
     site: str
@@ -52,6 +54,7 @@ class Event:             # nothing changes an Event once made
     same_query: bool | None = None
     memory: tuple | None = None
     recorded: bool = True
+    fresh: bool = False
 
 
 @dataclass(slots=True)  # not frozen, as Event
@@ -228,6 +231,8 @@ class Tracker:
         """Whether the call belongs to a new run, from the evidence it carries."""
         if st.end == 0:
             return False
+        if e.fresh:
+            return True  # the call's cache was empty: a new run, even where its kept rows start past the last one
         if e.kind == "cross" and e.keys != st.keys:
             return True  # another image (or image size): the keys changed
         if e.memory is not None and st.memory and not set(e.memory) <= st.memory:

@@ -348,7 +348,8 @@ class record:
             same = previous is not None and previous() is query
             self._queries[name] = weakref.ref(query)
         print_ = self._fingerprint(name, memory) if wants and memory is not None else None
-        return Event(name, kind, batch, queries, keys, state.get("start"), state.get("valid"), same, print_)
+        return Event(name, kind, batch, queries, keys, state.get("start"), state.get("valid"), same, print_,
+                     fresh=state.get("fresh", False))
 
     def _fingerprint(self, name: str, memory: torch.Tensor) -> tuple:
         """The keys' fingerprint, read back from the device only when they are not the very tensor (unchanged)

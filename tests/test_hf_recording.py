@@ -395,3 +395,31 @@ def test_weights_returned_with_batch_and_heads_merged_are_laid_out_per_head():
         assert trace.weights(site).shape == expected.shape
         torch.testing.assert_close(trace.weights(site), expected, atol=0, rtol=0)
     assert trace.weights(trace.sites[1]).shape == (2, 16, 4, 16)  # the global layer: one row set per image
+
+
+def test_each_generate_call_in_one_block_is_its_own_sequence_whatever_its_prompt_length():
+    """Two generate() calls in one block, the second prompt (10 tokens) reaching past the first run's last
+    position (6 + 3 tokens): two sequences, each with the rows it has when recorded alone (before: the second
+    run's rows continued the first as positions 9..11 of one sequence, without a word)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompts = [torch.randint(3, 99, (1, 7)), torch.randint(3, 99, (1, 10))]
+    options = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    alone = []
+    for ids in prompts:
+        with ah.record(model) as trace:
+            model.generate(ids, **options)
+        alone.append(trace)
+    with ah.record(model) as both:
+        for ids in prompts:
+            model.generate(ids, **options)
+    assert both.sequences == 2
+    for site in both.sites:
+        for i, trace in enumerate(alone):
+            assert both.positions(site, sequence=i).tolist() == trace.positions(site).tolist()
+            assert torch.equal(both.weights(site, sequence=i), trace.weights(site))
+    assert both.positions(both.sites[0], sequence=1).tolist() == [9, 10, 11]
+

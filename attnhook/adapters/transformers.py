@@ -466,6 +466,7 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
             slot.recording.prepended(queries, batch)
         # generated-token rows, by decoding position: of a prompt call that carries the decoding cache, only the
         # last row writes a token (a vision tower inside the token model carries no cache and keeps every row)
+        call.state["fresh"] = start == 0  # its cache was empty: the first call of a run
         if slot.token_decoder and start is not None and queries > 1 and slot.recording.token_rows_only():
             call.state["start"] = start + queries - 1
             offset, queries = queries - 1, 1
