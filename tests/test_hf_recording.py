@@ -327,6 +327,14 @@ def test_a_module_that_calls_the_fused_kernel_itself_is_recorded_from_the_kernel
     assert all(trace.positions(site).tolist() == [6, 7, 8] for site in trace.sites)
 
 
+def recorded_and_own(model):
+    """Every row of a forward over 7 random tokens, recorded, and the model's own weights of the same call."""
+    ids = torch.randint(3, 99, (2, 7))
+    with ah.record(model, rows="all") as trace:
+        model(ids)
+    return trace, model(ids, output_attentions=True).attentions
+
+
 def test_keys_a_module_adds_past_its_positions_are_kept_unless_the_cache_is_static():
     """DeepSeek-V4 appends compressed entries to its keys (more keys than positions, in a dynamic cache): they
     are attended to and kept, so the rows equal the model's own weights. Only a static cache's key axis is cut
@@ -341,11 +349,7 @@ def test_keys_a_module_adds_past_its_positions_are_kept_unless_the_cache_is_stat
         max_position_embeddings=128, layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
         mlp_layer_types=["hash_moe", "moe"], sliding_window=5, o_lora_rank=16, index_n_heads=4, index_head_dim=16,
         qk_rope_head_dim=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.DeepseekV4ForCausalLM(config).eval()
-    ids = torch.randint(3, 99, (2, 7))
-    with ah.record(model, rows="all") as trace:
-        model(ids)
-    own = model(ids, output_attentions=True).attentions
+    trace, own = recorded_and_own(transformers.DeepseekV4ForCausalLM(config).eval())
     assert any(weights.shape[-1] > 7 for weights in own)  # keys past the positions: the compressed entries
     for site, weights in zip(trace.sites, own, strict=True):
         assert trace.weights(site).shape[-1] == weights.shape[-1]
@@ -364,11 +368,7 @@ def test_sinks_the_attention_function_is_given_in_the_call_keep_their_mass():
         num_key_value_heads=2, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
         sliding_window_size=5, layer_types=["hybrid_sliding", "hybrid"], max_position_embeddings=128,
         moe_intermediate_size=40, n_routed_experts=4, num_experts_per_tok=2, eos_token_id=2)
-    model = transformers.Inkling2ForCausalLM(config).eval()
-    ids = torch.randint(3, 99, (2, 7))
-    with ah.record(model, rows="all") as trace:
-        model(ids)
-    own = model(ids, output_attentions=True).attentions
+    trace, own = recorded_and_own(transformers.Inkling2ForCausalLM(config).eval())
     assert trace.meta["transformers"]["sinks"] == [s.name for s in trace.sites]
     for site, weights in zip(trace.sites, own, strict=True):
         assert bool((trace.weights(site).sum(-1) < 0.999).any())  # the rest went to the sinks
