@@ -24,7 +24,7 @@ from ._positions import Event, Placement, Tracker
 from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SpecError
 from .registry import _BUILTINS, KINDS, Call, lookup, specs
 from ._types import LayerSelector, SiteSelector
-from .trace import Site, Trace, _by_which, layer_of, select
+from .trace import Site, Trace, _by_which, layer_parts, select
 
 # attribute names that say what an attention module attends to, when the spec cannot say it
 _CROSS_NAMES = ("multihead_attn", "*cross*", "encoder_attn", "*enc_dec*", "src_attn", "context_attn", "enc_att")
@@ -64,7 +64,7 @@ def find_attention(model: nn.Module) -> list[Site]:
             f"find_attention() takes a torch.nn.Module or a Keras 3 layer or model, got {type(model).__name__}. "
             "Pass the model itself (for a Hugging Face pipeline, pass pipeline.model)."
         )
-    sites: list[Site] = []
+    found: list[tuple] = []
     inside: list[str] = []
     named: list[tuple[str, Any]] = list(tree.named())
     for name, module in named:
@@ -76,7 +76,12 @@ def find_attention(model: nn.Module) -> list[Site]:
         inside.append(f"{name}." if name else "")
         kind = spec.kind if isinstance(spec.kind, str) else _kind_from_name(name)
         heads = spec.heads(module) if spec.heads else None
-        sites.append(Site(name, spec.name, kind, layer_of(name), heads, type(module).__name__))
+        found.append((name, spec.name, kind, heads, type(module).__name__))
+    at = layer_parts([(f[0], f[4]) for f in found])
+    sites: list[Site] = []
+    for name, family, kind, heads, cls in found:
+        layer = None if at[name] is None else int(name.split(".")[at[name]])
+        sites.append(Site(name, family, kind, layer, heads, cls, at[name]))
     if not sites:
         known = ", ".join(s.name for s in specs())
         raise NoAttentionFound(

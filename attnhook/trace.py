@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,9 @@ class Site:
         name: qualified module name, as in `model.named_modules()`.
         family: name of the `AttentionSpec` that matched it.
         kind: `"self"`, `"cross"`, or `"auto"` when only the actual call can tell (resolved in a trace).
-        layer: the last integer in the name (`decoder.layers.3.cross_attn` -> 3), or None.
+        layer: the index of its layer in the name (`decoder.layers.3.cross_attn` -> 3), or None: the last
+            integer that differs between the sites named alike (T5's `decoder.block.3.layer.1.EncDecAttention`
+            -> 3: `layer.1` is the same in every block), else the last integer.
         heads: number of heads, when the spec can read it from the module.
         cls: the module's class name.
     """
@@ -31,6 +33,7 @@ class Site:
     layer: int | None = None
     heads: int | None = None
     cls: str = ""
+    at: int | None = field(default=None, repr=False, compare=False)  # which part of the name is `layer`
 
     @property
     def stack(self) -> str:
@@ -39,8 +42,8 @@ class Site:
         parts = self.name.split(".")
         if self.layer is None:
             return self.name
-        last = max(i for i, p in enumerate(parts) if p.isdigit())
-        return ".".join(parts[:last] + ["*"] + parts[last + 1:])
+        at = self.at if self.at is not None else max(i for i, p in enumerate(parts) if p.isdigit())
+        return ".".join(parts[:at] + ["*"] + parts[at + 1:])
 
     def __str__(self) -> str:
         where = "" if self.layer is None else f" layer {self.layer}"
@@ -51,6 +54,24 @@ class Site:
 def layer_of(name: str) -> int | None:
     digits = [p for p in name.split(".") if p.isdigit()]
     return int(digits[-1]) if digits else None
+
+
+def layer_parts(named: list[tuple[str, str]]) -> dict[str, int | None]:
+    """For each `(name, class name)`, which of the name's dotted parts is the layer index: among the sites of
+    the same class and pattern (integers starred), the last integer part that differs between them; else (one
+    site, or none differs) the last integer part; None without one."""
+    groups: dict[tuple, list[list[str]]] = {}
+    for name, cls in named:
+        parts = name.split(".")
+        groups.setdefault((cls, *("*" if p.isdigit() else p for p in parts)), []).append(parts)
+    out: dict[str, int | None] = {}
+    for (_, *pattern), members in groups.items():
+        digits = [i for i, p in enumerate(pattern) if p == "*"]
+        varying = [i for i in digits if len({m[i] for m in members}) > 1]
+        at = max(varying) if varying else max(digits) if digits else None
+        for m in members:
+            out[".".join(m)] = at
+    return out
 
 
 def select(sites: list[Site], which="all", layers=None) -> list[Site]:

@@ -89,7 +89,7 @@ def save(trace, path) -> Path:
         "attnhook_version": __version__,
         "cut": bool(trace.cut),
         **({"notes": list(trace.notes)} if trace.notes else {}),
-        "sites": [asdict(s) for s in trace.sites],
+        "sites": [{k: v for k, v in asdict(s).items() if k != "at"} for s in trace.sites],  # `at`: recording only
         "sequences": sequences,
         "meta": _to_json(trace.meta, "trace.meta"),
     }

@@ -423,3 +423,21 @@ def test_each_generate_call_in_one_block_is_its_own_sequence_whatever_its_prompt
             assert torch.equal(both.weights(site, sequence=i), trace.weights(site))
     assert both.positions(both.sites[0], sequence=1).tolist() == [9, 10, 11]
 
+
+
+def test_layers_of_a_t5_stack_are_its_blocks_not_the_sublayer_index():
+    """T5's attention sites are `decoder.block.N.layer.M` (M: 0 self, 1 cross, in every block): `layers=`
+    counts blocks (before: the last integer, the sublayer index, so `layers=-1` picked every block's
+    cross-attention and `layers=[0]` every block's self-attention, without a word)."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=3, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    found = {s.name: s.layer for s in ah.find_attention(model)}
+    assert found["decoder.block.2.layer.1"] == 2 and found["decoder.block.0.layer.0"] == 0
+    with ah.record(model, sites="cross", layers=-1) as trace:
+        model.generate(torch.randint(3, 99, (1, 6)), max_new_tokens=2, do_sample=False)
+    assert [s.name for s in trace.sites] == ["decoder.block.2.layer.1"]
+    with ah.record(model, sites="decoder.*", layers=[0]) as trace:
+        model.generate(torch.randint(3, 99, (1, 6)), max_new_tokens=2, do_sample=False)
+    assert [s.name for s in trace.sites] == ["decoder.block.0.layer.0", "decoder.block.0.layer.1"]
