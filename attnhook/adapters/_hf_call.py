@@ -82,15 +82,11 @@ def _past_length(call: Call) -> int | None:
 def _cache_length(call: Call) -> int | None:
     cache = None
     position = _arg(call.module, call.args, call.kwargs, "cache_position")
-    if isinstance(position, torch.Tensor) and position.dim() == 1 and position.numel() > 0 and any(
-            _arg(call.module, call.args, call.kwargs, n) is not None for n in _CACHE_ARGS):
+    cache = _cache(call)
+    if isinstance(position, torch.Tensor) and position.dim() == 1 and position.numel() > 0 and cache is not None:
         # the slot the first query is written to: exact for every cache (transformers 4's static cache
         # counts its filled slots from the first batch row's keys, which left padding can leave at zero)
         return _first_position(position, plan_of(call.module))
-    for name in _CACHE_ARGS:
-        cache = _arg(call.module, call.args, call.kwargs, name)
-        if cache is not None:
-            break
     if cache is None or not hasattr(cache, "get_seq_length"):
         return None
     cache = getattr(cache, "self_attention_cache", cache)
@@ -108,12 +104,14 @@ def _static_cache(call: Call) -> bool:
     """Whether the call's cache has a fixed size (a static cache: its key axis is the cache size, its slots
     past the tokens written so far are empty), as opposed to keys that are all real (a dynamic cache, or keys
     a module adds itself: DeepSeek-V4's compressed entries)."""
-    for name in _CACHE_ARGS:
-        cache = _arg(call.module, call.args, call.kwargs, name)
-        if cache is not None:
-            cache = getattr(cache, "self_attention_cache", cache)
-            return getattr(cache, "is_compileable", False) is True
-    return False
+    cache = _cache(call)
+    return getattr(getattr(cache, "self_attention_cache", cache), "is_compileable", False) is True
+
+
+def _cache(call: Call):
+    """The cache the call was given, by whichever name (None without one)."""
+    return next((c for c in (_arg(call.module, call.args, call.kwargs, n) for n in _CACHE_ARGS) if c is not None),
+                None)
 
 
 def _first_position(position: torch.Tensor, plan) -> int:

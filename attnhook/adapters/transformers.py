@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
 from . import _hf_dispatch, _torch_sdpa
-from ._hf_call import (_CACHE_ARGS, _appends_weights, _arg, _heads, _kind, _lengths, _params, _sdpa_only,
+from ._hf_call import (_CACHE_ARGS, _appends_weights, _arg, _heads, _hidden, _kind, _lengths, _params, _sdpa_only,
                        _source, _start, _static_cache, _uses_interface, _wraps_mha)
 from ._hf_dispatch import Part, plan_of
 from ._hf_inputs import ImageInputs
@@ -484,8 +484,7 @@ def _per_head(call: Call, part: Part) -> Part:
     w = part.weights
     if w is None or w.dim() != 3:
         return part
-    h = _queries(call)
-    h = h if h is not None else next((a for a in call.args if isinstance(a, torch.Tensor)), None)
+    h = _hidden(call)
     batch, heads = (h.shape[0] if h is not None and h.dim() >= 3 else None), _heads(call.module)
     if batch is not None and w.shape[0] == batch:
         return Part(weights=w[:, None])
@@ -500,9 +499,7 @@ def _per_head(call: Call, part: Part) -> Part:
 def _check_split(call: Call, parts: list[Part], queries: int) -> None:
     """Several calls of the attention function in one call of the site are taken as consecutive blocks of
     its queries (packed images, query chunks): refused when their queries do not add up to the site's."""
-    h = _queries(call)
-    if h is None:
-        h = next((a for a in call.args if isinstance(a, torch.Tensor)), None)
+    h = _hidden(call)
     own = None if h is None or h.dim() < 2 else h.shape[-2]
     if own != queries:
         counts = ", ".join(str(p.shape[2]) for p in parts)
