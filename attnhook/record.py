@@ -374,12 +374,12 @@ class record:
     def _place(self, name: str, event: Event, weights: Any) -> None:
         """Place one call's rows (`weights`: a tensor, a `_Beside`, or None for a watched call)."""
         self._sync()
-        loose = weights is not None and (self.dtype or weights.dtype) in (torch.float16, torch.bfloat16)
 
         def same(position: int, row: int) -> Literal["same", "mapped", "different"]:
             new = weights[:, :, row]
             if self.keys is not None:
                 new = new[..., self.keys]
+            loose = (self.dtype or weights.dtype) in (torch.float16, torch.bfloat16)
             return _calls.compare(self.trace.held(name, position, near=True), new, loose)
 
         placement = self._tracker.place(event, same if weights is not None else None)
@@ -437,6 +437,8 @@ class record:
 
     def _say(self) -> None:
         """Keep every note in the trace; warn once per kind of note (quiet ones are only kept)."""
+        if not self._tracker.notes:
+            return
         for note in self._tracker.notes:
             self.trace.note(note.message)
             if not note.code.startswith("quiet:"):
@@ -473,11 +475,20 @@ class _Beside:
 
     Indexed like the `(batch, heads, queries, keys)` tensor it stands for, along the queries only."""
 
+    __slots__ = ("spec", "name", "call", "recorder", "shape", "_dtype", "_block")
+
     def __init__(self, spec, name: str, call: Call, recorder: "record"):
         self.spec, self.name, self.call, self.recorder = spec, name, call, recorder
         self.shape = torch.Size(spec.shape(call))
-        self.dtype = _calls.dtype_of(call)
+        self._dtype: torch.dtype | None = None
         self._block: tuple[int, torch.Tensor] | None = None  # the rows computed so far: (first row, rows)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the call computed in (read only where a compare needs it)."""
+        if self._dtype is None:
+            self._dtype = _calls.dtype_of(self.call)
+        return self._dtype
 
     def __getitem__(self, index) -> torch.Tensor:
         rows = index[2] if type(index) is tuple and len(index) == 3 else None

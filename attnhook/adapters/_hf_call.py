@@ -36,7 +36,9 @@ def _arg(module: nn.Module, args: tuple, kwargs: dict, name: str):
     """One argument of a forward call, given by keyword or by position (None if absent)."""
     if name in kwargs:
         return kwargs[name]
-    i = _params(type(module)).get(name)
+    if not args:
+        return None
+    i = (_PARAMS.get(type(module)) or _params(type(module))).get(name)
     return args[i] if i is not None and i < len(args) else None
 
 
@@ -66,10 +68,11 @@ _LAYER_IDX: "weakref.WeakKeyDictionary[nn.Module, int | None]" = weakref.WeakKey
 def _layer_idx(module: nn.Module) -> int | None:
     """The cache layer index of the module, or of the first module inside it that has one (`layer_idx`, or
     `layer_id` in the few files that call it so: GPT-Neo, XLM, Longformer)."""
-    if module not in _LAYER_IDX:
+    idx = _LAYER_IDX.get(module, -1)
+    if idx == -1:  # not looked for yet (a layer index is never negative)
         found = (getattr(m, name, None) for m in module.modules() for name in ("layer_idx", "layer_id"))
-        _LAYER_IDX[module] = next((i for i in found if isinstance(i, int) and not isinstance(i, bool)), None)
-    return _LAYER_IDX[module]
+        idx = _LAYER_IDX[module] = next((i for i in found if isinstance(i, int) and not isinstance(i, bool)), None)
+    return idx
 
 
 def _past_length(call: Call) -> int | None:
@@ -109,9 +112,16 @@ def _static_cache(call: Call) -> bool:
 
 
 def _cache(call: Call):
-    """The cache the call was given, by whichever name (None without one)."""
-    return next((c for c in (_arg(call.module, call.args, call.kwargs, n) for n in _CACHE_ARGS) if c is not None),
-                None)
+    """The cache the call was given, by whichever name (None without one); read once per call."""
+    state = call.state
+    if "cache" not in state:
+        found = None
+        for name in _CACHE_ARGS:
+            found = _arg(call.module, call.args, call.kwargs, name)
+            if found is not None:
+                break
+        state["cache"] = found
+    return state["cache"]
 
 
 def _first_position(position: torch.Tensor, plan) -> int:

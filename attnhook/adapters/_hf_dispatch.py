@@ -120,6 +120,23 @@ class _Dispatch:
         return out
 
 
+# one _Dispatch per (function, fallback), as lookups happen at every attention call and mostly return the same
+# pair; bounded, for a model that would pass a new fallback at each call
+_DISPATCHES: dict[tuple, _Dispatch] = {}
+
+
+def _dispatch(fn: Callable, default: Callable | None) -> _Dispatch:
+    try:
+        found = _DISPATCHES.get((fn, default))
+    except TypeError:  # an unhashable function object
+        return _Dispatch(fn, default)
+    if found is None:
+        if len(_DISPATCHES) >= 256:
+            _DISPATCHES.clear()
+        found = _DISPATCHES[(fn, default)] = _Dispatch(fn, default)
+    return found
+
+
 def _slot(module):
     for plan in _PLANS.get():
         if plan.active:
@@ -150,7 +167,7 @@ def activate(plan: Plan) -> None:
 
             def __getitem__(self, key):
                 fn = getitem(self, key)
-                return _Dispatch(fn, None) if _PLANS.get() and callable(fn) else fn
+                return _dispatch(fn, None) if _PLANS.get() and callable(fn) else fn
 
             setattr(AttentionInterface, "__getitem__", __getitem__)
             original = getattr(AttentionInterface, "get_interface", None)
@@ -159,9 +176,7 @@ def activate(plan: Plan) -> None:
                     fn = original(self, attn_implementation, default)
                     if not _PLANS.get():
                         return fn
-                    if isinstance(fn, _Dispatch):
-                        return _Dispatch(fn.fn, default)
-                    return _Dispatch(fn, default)
+                    return _dispatch(fn.fn if isinstance(fn, _Dispatch) else fn, default)
 
                 setattr(AttentionInterface, "get_interface", get_interface)
         _PATCH["count"] += 1
@@ -224,8 +239,23 @@ def eager_function(cls: type):
 
 # --- computing the kept rows on the side --------------------------------------------------------------------
 def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
+    # no graph and the module in eval() mode for the side computation only; no context switch at all when the
+    # model already runs so (generate(): this runs once per recorded call)
+    if torch.is_grad_enabled() or part.module.training:
+        with (torch.no_grad() if torch.is_grad_enabled() else _NOTHING), \
+                (_evaluating(part.module) if part.module.training else _NOTHING):
+            return _side_rows(part, lo, hi)
+    return _side_rows(part, lo, hi)
+
+
+def _side_rows(part: Part, lo: int, hi: int) -> torch.Tensor:
     query = part.query[:, :, lo:hi]
     mask = eager_mask(part.mask, part.query, part.key, lo, hi, part.module, part.kwargs)
+    template = _template(part.eager) if not part.args else None
+    if template is not None:
+        scaling = part.kwargs.get("scaling")
+        if isinstance(scaling, float) or (scaling is None and template[1]):
+            return template[0](query, part.key, part.value, mask, scaling)
     queries, keys = part.query.shape[2], part.key.shape[2]
 
     def rows_of(value):  # a per-row bias beside the mask (T5's position bias): its rows too
@@ -243,17 +273,9 @@ def _side(part: Part, lo: int, hi: int) -> torch.Tensor:
         kwargs["dropout"] = 0.0  # the probabilities, before dropout; dropout with p=0 draws no random numbers
     if "output_attentions" in kwargs or _takes(part.eager, "output_attentions"):
         kwargs["output_attentions"] = True  # some eager functions (CLIP in transformers 4) drop them otherwise
-    # no graph and the module in eval() mode for the side computation only (no context switches when the
-    # model already runs so: this runs once per recorded call)
-    with (torch.no_grad() if torch.is_grad_enabled() else _NOTHING), \
-            (_evaluating(part.module) if part.module.training else _NOTHING):
-        template = _template(part.eager) if not args else None
-        scaling = kwargs.get("scaling")
-        if template is not None and (isinstance(scaling, float) or (scaling is None and template[1])):
-            return template[0](query, part.key, part.value, mask, scaling)
-        if mask is None:  # some eager functions add the mask unconditionally (their eager path always builds
-            mask = query.new_zeros(1, 1, query.shape[2], part.key.shape[2])  # one): adding zeros changes nothing
-        weights = _weights_of(part, query, mask, args, kwargs)
+    if mask is None:  # some eager functions add the mask unconditionally (their eager path always builds
+        mask = query.new_zeros(1, 1, query.shape[2], part.key.shape[2])  # one): adding zeros changes nothing
+    weights = _weights_of(part, query, mask, args, kwargs)
     if not isinstance(weights, torch.Tensor):
         raise RecordingError(
             f"{type(part.module).__name__}: its eager function {getattr(part.eager, '__name__', part.eager)!r} "

@@ -414,7 +414,10 @@ def _prepare(session):
 def _sinks_given(slot: _Slot, parts: list[Part]) -> bool:
     """Whether the attention function was given sinks computed in the call (Inkling2 projects them from the
     hidden states: `sinks=...`, not a parameter of the module); the site is then named in `meta["sinks"]`."""
-    if not any(isinstance(p.kwargs.get("sinks"), torch.Tensor) for p in parts):
+    for p in parts:
+        if p.kwargs and isinstance(p.kwargs.get("sinks"), torch.Tensor):
+            break
+    else:
         return False
     name = slot.recording.names.get(slot.module, "?")
     named = slot.recording.trace.meta.setdefault("transformers", {}).setdefault("sinks", [])
@@ -453,8 +456,11 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
             "interface this time; if it has several code paths, record it with a spec of its own "
             "(attnhook.register(attnhook.AttentionSpec(...)))."
         )
-    parts = [_per_head(call, p) for i, p in enumerate(parts) if not any(p.repeats(q) for q in parts[:i])]
-    (batch, heads, queries, keys), packed = _assemble(parts)
+    if len(parts) > 1:
+        parts = [_per_head(call, p) for i, p in enumerate(parts) if not any(p.repeats(q) for q in parts[:i])]
+    elif parts[0].weights is not None:
+        parts = [_per_head(call, parts[0])]
+    (batch, heads, queries, keys), packed = (parts[0].shape, False) if len(parts) == 1 else _assemble(parts)
     if len(parts) > 1:
         _check_split(call, parts, queries)
     offset = 0
@@ -514,11 +520,14 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     """Weights of the kept query rows `lo:hi`, computed beside the call (or sliced from what it returned)."""
     parts, offset, keys = call.state["parts"], call.state["offset"], call.state["keys"]
     lo, hi = lo + offset, hi + offset
-    if any(p.weights is not None for p in parts):
-        call.state["shared"] = True  # slices of weights the model returns to its caller too: the trace copies
     if len(parts) == 1:
-        rows = parts[0].rows(lo, hi)
+        part = parts[0]
+        if part.weights is not None:
+            call.state["shared"] = True  # slices of weights the model returns to its caller too: the trace copies
+        rows = part.rows(lo, hi)
         return rows if rows.shape[-1] == keys else rows[..., :keys]
+    if any(p.weights is not None for p in parts):
+        call.state["shared"] = True
     whole = [p.rows(0, p.shape[2]) for p in parts]
     if not call.state["packed"]:
         return torch.cat(whole, dim=2)[:, :, lo:hi, :keys]
