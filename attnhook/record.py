@@ -22,7 +22,7 @@ from . import _calls, _tree
 from ._hooks import Undo, claim
 from ._positions import Event, Placement, Tracker
 from .errors import AttnHookWarning, NoAttentionFound, RecordingError, SpecError
-from .registry import _BUILTINS, KINDS, Call, lookup, specs
+from .registry import _BUILTINS, KINDS, Call, _load_builtins, _spec_of, lookup, specs
 from ._types import LayerSelector, SiteSelector
 from .trace import Site, Trace, _by_which, layer_parts, select
 
@@ -64,16 +64,22 @@ def find_attention(model: nn.Module) -> list[Site]:
             f"find_attention() takes a torch.nn.Module or a Keras 3 layer or model, got {type(model).__name__}. "
             "Pass the model itself (for a Hugging Face pipeline, pass pipeline.model)."
         )
+    return _sites(model, tree)
+
+
+def _sites(model: Any, tree: _tree.Tree) -> list[Site]:
+    """`find_attention` of a model whose tree is known."""
     found: list[tuple] = []
-    inside: list[str] = []
+    inside: set[str] = set()
     named: list[tuple[str, Any]] = list(tree.named())
+    _load_builtins()
     for name, module in named:
-        if any(name.startswith(prefix) for prefix in inside):
+        if inside and _within(name, inside):
             continue
-        spec = lookup(module)
+        spec = _spec_of(type(module))
         if spec is None:
             continue
-        inside.append(f"{name}." if name else "")
+        inside.add(f"{name}." if name else "")
         kind = spec.kind if isinstance(spec.kind, str) else _kind_from_name(name)
         heads = spec.heads(module) if spec.heads else None
         found.append((name, spec.name, kind, heads, type(module).__name__))
@@ -91,6 +97,18 @@ def find_attention(model: nn.Module) -> list[Site]:
             "read=lambda call: call.output[1])); see docs/recording.md."
         )
     return sites
+
+
+def _within(name: str, inside: set[str]) -> bool:
+    """Whether `name` is inside one of the sites found so far (`inside`: their names, each with its dot)."""
+    if "" in inside:
+        return True
+    dot = name.find(".")
+    while dot != -1:
+        if name[:dot + 1] in inside:
+            return True
+        dot = name.find(".", dot + 1)
+    return False
 
 
 @dataclass
@@ -164,11 +182,12 @@ class record:
             raise RecordingError(f"on_limit must be 'warn' or 'raise', got {on_limit!r}.")
         self.rows, self.max_bytes, self.on_limit, self._kept = rows, max_bytes, on_limit, 0
         self.model = model
-        found = find_attention(model)
         tree = _tree.of(model)
-        if tree is None:  # find_attention() has refused anything else already
+        if tree is None:
             raise NoAttentionFound(f"record() takes a torch.nn.Module or a Keras 3 layer or model, got "
-                                   f"{type(model).__name__}.")
+                                   f"{type(model).__name__}. Pass the model itself (for a Hugging Face pipeline, "
+                                   "pass pipeline.model).")
+        found = _sites(model, tree)
         self._tree: _tree.Tree = tree
         self._steppers = _step_modules(self._tree, step)
         self.selected = {s.name: s for s in select(found, sites, layers)}

@@ -212,7 +212,11 @@ def specs() -> list[AttentionSpec]:
 def lookup(module: Any) -> AttentionSpec | None:
     """The spec that describes `module`, or None."""
     _load_builtins()
-    cls = type(module)
+    return _spec_of(type(module))
+
+
+def _spec_of(cls: type) -> AttentionSpec | None:
+    """`lookup` of a class, the built-ins already loaded (a walk over a model loads them once)."""
     try:
         return _CACHE[cls]
     except KeyError:

@@ -351,6 +351,27 @@ def test_find_attention_names_kind_layer_and_heads():
     assert {s.family for s in sites} == {"torch.MultiheadAttention"}
 
 
+def test_modules_inside_a_site_are_not_sites_but_a_sibling_with_a_longer_name_is():
+    class Wrapper(nn.Module):  # a registered module that holds an attention module of its own
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            out, weights = self.inner(x, x, x)
+            return out, weights
+
+    model = nn.ModuleDict({"attn": Wrapper(), "attn2": nn.MultiheadAttention(8, 2, batch_first=True),
+                           "deep": nn.Sequential(Wrapper())})
+    spec = ah.register(ah.AttentionSpec("wrapper", Wrapper, read=lambda call: call.output[1], kind="self"))
+    try:
+        assert [s.name for s in ah.find_attention(model)] == ["attn", "attn2", "deep.0"]
+        inner = ah.find_attention(model.attn2)  # the model itself a site: nothing below it is searched
+        assert [s.name for s in inner] == [""]
+    finally:
+        ah.unregister(spec)
+
+
 def test_kind_is_decided_from_the_call_when_names_do_not_tell():
     model = DetrStyleCaptioner()
     assert {s.kind for s in ah.find_attention(model)} == {"auto"}
