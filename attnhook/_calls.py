@@ -65,11 +65,20 @@ def as_rows(spec, name: str, weights, first: bool, training: bool, sinks: bool =
         over = bool((sums[live] > 1 + 1e-2).any())
         under = not sinks and bool((sums[live] < 1 - 1e-2).any())
         if negative or over or under:
-            hint = ("read the softmax output, not the scores or the attended values; a module that computes no "
-                    "softmax attention (the linear or state-space layer of a hybrid model) has no such rows: leave "
-                    "it out with record(model, sites=...)" if not training else
-                    "the module is in train() mode, and its weights come after dropout: record in eval() mode "
-                    "(model.eval())")
+            axes = [] if negative else _summing_axes(received.detach())
+            if axes:
+                along = f"axis {axes[0]}" if len(axes) == 1 else "axes " + " and ".join(map(str, axes))
+                hint = (f"they sum to 1 along {along} of {tuple(received.shape)} instead, so they are "
+                        "probabilities laid out another way (XLNet's are (queries, keys, batch, heads)): describe "
+                        "the module with attnhook.register(attnhook.AttentionSpec(...)) whose read permutes them "
+                        "to (batch, heads, queries, keys)")
+            elif not training:
+                hint = ("read the softmax output, not the scores or the attended values; a module that computes "
+                        "no softmax attention (the linear or state-space layer of a hybrid model) has no such "
+                        "rows: leave it out with record(model, sites=...)")
+            else:
+                hint = ("the module is in train() mode, and its weights come after dropout: record in eval() "
+                        "mode (model.eval())")
             raise SpecError(
                 f"{read_what(spec, name, received)} whose rows are not probabilities (row sums from "
                 f"{sums[live].min().item():.3g} to {sums[live].max().item():.3g}). {EXPECTED}: {hint}.")
@@ -82,6 +91,13 @@ def dtype_of(call) -> torch.dtype:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a.dtype
     return torch.float32
+
+
+def _summing_axes(w: torch.Tensor) -> list[int]:
+    """The axes other than the last along which every slice of `w` sums to 1 (within 1e-2): for the message of
+    a refusal only (computed on the way to raising)."""
+    return [a for a in range(w.dim() - 1) if w.shape[a] > 1
+            and bool(((w.sum(a, dtype=torch.float32) - 1).abs() <= 1e-2).all())]
 
 
 def fingerprint(t: torch.Tensor) -> tuple:

@@ -441,3 +441,16 @@ def test_layers_of_a_t5_stack_are_its_blocks_not_the_sublayer_index():
     with ah.record(model, sites="decoder.*", layers=[0]) as trace:
         model.generate(torch.randint(3, 99, (1, 6)), max_new_tokens=2, do_sample=False)
     assert [s.name for s in trace.sites] == ["decoder.block.0.layer.0", "decoder.block.0.layer.1"]
+
+
+def test_weights_laid_out_queries_first_are_refused_naming_the_axes_they_sum_along():
+    # XLNet returns its probabilities as (queries, keys, batch, heads): refused, and the refusal says they are
+    # probabilities laid out another way, not scores (its rows over the last axis, the heads, sum to 0.5 here)
+    config = transformers.XLNetConfig(vocab_size=99, d_model=16, n_layer=2, n_head=2, d_inner=32)
+    model = transformers.XLNetLMHeadModel(config).eval()
+    with pytest.raises(ah.AttnHookError) as err:
+        with ah.record(model):
+            model(torch.tensor([[1, 2, 3, 4, 5]]))
+    msg = str(err.value)
+    assert "(5, 5, 1, 2)" in msg and "laid out another way" in msg and "permutes" in msg
+    assert "not the scores" not in msg

@@ -473,6 +473,25 @@ def test_a_reader_returning_non_probabilities_is_named_with_its_shape():
         ah.unregister(spec)
 
 
+class Laid(nn.Module):
+    def forward(self, feats):  # probabilities (queries, keys, batch, heads), as XLNet lays them out
+        return (feats @ feats.transpose(1, 2)).softmax(-1)[:, None].permute(2, 3, 0, 1)
+
+
+def test_probabilities_laid_out_another_way_are_refused_naming_the_axis_they_sum_along():
+    spec = ah.register(ah.AttentionSpec("laid", Laid, read=lambda call: call.output, kind="self"))
+    try:
+        model = nn.Sequential(Laid())
+        with pytest.raises(ah.AttnHookError) as err:
+            with ah.record(model):
+                model(torch.randn(2, 3, 4))
+        msg = str(err.value)
+        assert "(3, 3, 2, 1)" in msg and "sum to 1 along axis 1" in msg and "permutes" in msg
+        assert "not the scores" not in msg  # they are the softmax output: that hint would mislead
+    finally:
+        ah.unregister(spec)
+
+
 def test_user_specs_win_over_builtins_and_globs_match_class_names():
     class MyMHA(nn.MultiheadAttention):
         pass
