@@ -247,6 +247,10 @@ def _transformers(v, field) -> None:
         _need(isinstance(v["sites"], dict), f"{field}['sites']", f"must be an object, got {_kind(v['sites'])}")
         for name, how in v["sites"].items():
             _text(how, f"{field}['sites'][{name!r}]", MAX_WORD)
+    for key in ("merged", "sinks", "forced"):
+        if key in v:
+            _need(isinstance(v[key], list) and all(isinstance(x, str) for x in v[key]), f"{field}[{key!r}]",
+                  f"must be a list of site names, got {_show(v[key])}")
 
 
 _SOURCES = ("image_token_id", "image_embeds_position_mask", "prepended")

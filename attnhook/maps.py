@@ -435,6 +435,13 @@ def _image_columns(w: torch.Tensor, meta: dict, name: str) -> torch.Tensor:
     where = meta.get("image_keys")
     if where is None:
         return w
+    merged = meta.get("transformers", {}).get("merged", [])
+    if isinstance(merged, list) and name in merged:
+        raise GridError(
+            f"Site {name!r} attends to its own tokens and to the encoder's in one softmax (merged attention, as "
+            "T5Gemma2's decoder), so the image tokens are not at fixed key columns and attnhook does not place "
+            "them. Map the encoder's own attention over the image tokens instead (site='<encoder layers>'), or "
+            "read the rows with trace.weights(site) and pick the encoder's columns yourself.")
     if meta.get("image_keys_spatial") is False:
         raise GridError(
             f"Site {name!r} attends to this model's image tokens, but they are learned queries (a Q-Former or "

@@ -454,3 +454,36 @@ def test_weights_laid_out_queries_first_are_refused_naming_the_axes_they_sum_alo
     msg = str(err.value)
     assert "(5, 5, 1, 2)" in msg and "laid out another way" in msg and "permutes" in msg
     assert "not the scores" not in msg
+
+
+def test_merged_self_and_cross_attention_is_named_and_not_mapped_onto_the_image(tmp_path):
+    """T5Gemma2's decoder attends to its own tokens and the encoder's in one softmax: the image tokens' key
+    columns move with each step, so `meta["transformers"]["merged"]` names the sites and maps refuse them
+    (before: the encoder's image-token indices were applied to the merged keys, a wrong picture without a
+    word). The encoder's own attention still maps."""
+    t5g2 = pytest.importorskip("transformers.models.t5gemma2.modeling_t5gemma2")
+    small = dict(vocab_size=300, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=16, layer_types=["sliding_attention", "full_attention"],
+                 sliding_window=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=64, patch_size=16)
+    config = t5g2.T5Gemma2Config(
+        encoder=dict(text_config=small, vision_config=vision, mm_tokens_per_image=16, image_token_index=299,
+                     boi_token_index=297, eoi_token_index=298),
+        decoder=small, image_token_index=299, eoi_token_index=298, bos_token_id=2, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = t5g2.T5Gemma2ForConditionalGeneration(config).eval()
+    ids = torch.tensor([[2, 297, *[299] * 16, 298, 10, 11]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 64, 64))
+    with ah.record(model) as trace:
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    merged = trace.meta["transformers"]["merged"]
+    assert merged == [s.name for s in trace.sites if s.name.startswith("model.decoder.")]
+    assert trace.meta["image_keys"] == [list(range(2, 18))]
+    with pytest.raises(ah.AttnHookError, match="merged attention"):
+        ah.attention_maps(trace, ah.infer_grid(16), site="model.decoder.*")
+    trace.save(tmp_path / "t.safetensors")  # kept in the file: a loaded trace refuses as well
+    with pytest.raises(ah.AttnHookError, match="merged attention"):
+        ah.attention_maps(ah.load(tmp_path / "t.safetensors"), ah.infer_grid(16), site="model.decoder.*")
+    maps = ah.attention_maps(trace, ah.infer_grid(16), site="model.encoder.text_model.*")
+    assert maps.shape == (1, ids.shape[1], 4, 4)

@@ -417,6 +417,7 @@ def _grid_of(h):
     (lambda h: _set(h["meta"], "lengths", [-1]), r"meta\['lengths'\]\[0\]"),
     (lambda h: _set(h["meta"], "model", {"name": "x"}), r"meta\['model'\] must be a string"),
     (lambda h: _set(h["meta"], "transformers", {"sites": {"a": 1}}), r"meta\['transformers'\]\['sites'\]\['a'\]"),
+    (lambda h: _set(h["meta"], "transformers", {"merged": "a"}), r"meta\['transformers'\]\['merged'\] must be a list"),
     (lambda h: _set(h["meta"], "nested", {"__grid__": {"rows": "2", "cols": 3}}), r"meta\['nested'\].__grid__.rows"),
     (lambda h: h["sites"][0].update(layer=2**70), r"sites\[0\].layer"),
     (lambda h: h["sequences"][0]["rows"]["decoder.layers.1.cross_attn"].update(positions=[0, 1, 2**40]),

@@ -31,8 +31,8 @@ from torch import nn
 from ..errors import RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
 from . import _hf_dispatch, _torch_sdpa
-from ._hf_call import (_CACHE_ARGS, _appends_weights, _arg, _heads, _hidden, _kind, _lengths, _params, _sdpa_only,
-                       _source, _start, _static_cache, _uses_interface, _wraps_mha)
+from ._hf_call import (_CACHE_ARGS, _CROSS_ARGS, _appends_weights, _arg, _heads, _hidden, _kind, _lengths, _params,
+                       _sdpa_only, _source, _start, _static_cache, _uses_interface, _wraps_mha)
 from ._hf_dispatch import Part, plan_of
 from ._hf_inputs import ImageInputs
 
@@ -47,6 +47,7 @@ class _Slot:
     token_decoder: bool
     parts: list = field(default_factory=list)
     released: bool = False
+    merged: bool | None = None  # its keys are more than the encoder states it was given (checked once)
 
     def take(self) -> list[Part]:
         got, self.parts = self.parts, []
@@ -411,6 +412,27 @@ def _prepare(session):
     return recording.undo
 
 
+def _check_merged(slot: _Slot, call: Call, keys: int) -> None:
+    """A module given encoder states whose attention runs over more keys than those states (T5Gemma2's decoder
+    attention: its own tokens and the encoder's in one softmax) is named in `meta["transformers"]["merged"]`:
+    the encoder's tokens, and so the image's, are not at fixed key columns, and maps refuse to guess them."""
+    given = (_arg(call.module, call.args, call.kwargs, n) for n in _CROSS_ARGS)
+    states = next((a for a in given if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+    hidden = _hidden(call)
+    if states is None or hidden is None or hidden.dim() < 2 or states.shape[-1] == 0:
+        slot.merged = False
+        return
+    # the encoder tokens per batch row, however the states are shaped (Mllama's come one tile per row)
+    tokens = states.numel() // (hidden.shape[0] * states.shape[-1])
+    slot.merged = keys > tokens
+    if slot.merged:
+        name = slot.recording.names.get(slot.module, "?")
+        named = slot.recording.trace.meta.setdefault("transformers", {}).setdefault("merged", [])
+        if name not in named:
+            named.append(name)
+            named.sort()
+
+
 def _sinks_given(slot: _Slot, parts: list[Part]) -> bool:
     """Whether the attention function was given sinks computed in the call (Inkling2 projects them from the
     hidden states: `sinks=...`, not a parameter of the module); the site is then named in `meta["sinks"]`."""
@@ -464,6 +486,8 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
     if len(parts) > 1:
         _check_split(call, parts, queries)
     offset = 0
+    if call.state.get("kind") == "cross" and slot.merged is None:
+        _check_merged(slot, call, keys)
     if call.state.get("kind", "self") == "self":
         start = call.state.get("start")
         if start is not None and keys > start + queries and _static_cache(call):  # drop the slots not filled yet
