@@ -16,7 +16,7 @@ from ._hf_dispatch import eager_function, plan_of
 # arguments that, when given, make an attention call a cross-attention call
 _CROSS_ARGS = ("encoder_hidden_states", "key_value_states", "cross_attention_states", "encoder_outputs")
 # the cache, by every name transformers has passed it under (5.24 passes it to attention modules as `cache`)
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 
 # --- reading a call ------------------------------------------------------------------------------------
