@@ -426,11 +426,7 @@ def _check_merged(slot: _Slot, call: Call, keys: int) -> None:
     tokens = states.numel() // (hidden.shape[0] * states.shape[-1])
     slot.merged = keys > tokens
     if slot.merged:
-        name = slot.recording.names.get(slot.module, "?")
-        named = slot.recording.trace.meta.setdefault("transformers", {}).setdefault("merged", [])
-        if name not in named:
-            named.append(name)
-            named.sort()
+        _name_in_meta(slot, "merged")
 
 
 def _sinks_given(slot: _Slot, parts: list[Part]) -> bool:
@@ -441,12 +437,17 @@ def _sinks_given(slot: _Slot, parts: list[Part]) -> bool:
             break
     else:
         return False
+    _name_in_meta(slot, "sinks")
+    return True
+
+
+def _name_in_meta(slot: _Slot, key: str) -> None:
+    """Add the slot's site to the sorted list `trace.meta["transformers"][key]` (once)."""
     name = slot.recording.names.get(slot.module, "?")
-    named = slot.recording.trace.meta.setdefault("transformers", {}).setdefault("sinks", [])
+    named = slot.recording.trace.meta.setdefault("transformers", {}).setdefault(key, [])
     if name not in named:
         named.append(name)
         named.sort()
-    return True
 
 
 class _Removal:
