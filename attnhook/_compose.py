@@ -29,7 +29,7 @@ def _views_maps(trace, views: Views, site, sequence, heads, layers, image_size, 
         w = _one_call(trace, s, sequence, "mean")
         laid = views
         if s.kind == "self" and "image_keys" in trace.meta:
-            w = _image_columns(w, trace.meta, s.name)
+            w = _image_columns(w, trace.meta, s.name, trace.key_lengths(s, sequence))
             if w.shape[-1] != views.keys:
                 laid = _image_keys_only(views)
         if w.shape[-1] != laid.keys:
@@ -89,7 +89,8 @@ def _composed(trace, grid, site, sequence, heads, layers, queries, query_sequenc
     for s in lm_sites:
         w = _one_call(trace, s, sequence, "mean")                       # (batch, steps, heads, keys)
         if s.kind == "self" and "image_keys" in trace.meta:
-            w = _image_columns(w, dict(trace.meta, image_keys_spatial=True), s.name)
+            w = _image_columns(w, dict(trace.meta, image_keys_spatial=True), s.name,
+                               trace.key_lengths(s, sequence))
         if w.shape[-1] != qmap.shape[1] or w.shape[0] != qmap.shape[0]:
             raise SelectionError(
                 f"Site {s.name!r} has rows {tuple(w.shape)} over {w.shape[-1]} keys, but the query sites hold "

@@ -247,10 +247,17 @@ def _transformers(v, field) -> None:
         _need(isinstance(v["sites"], dict), f"{field}['sites']", f"must be an object, got {_kind(v['sites'])}")
         for name, how in v["sites"].items():
             _text(how, f"{field}['sites'][{name!r}]", MAX_WORD)
-    for key in ("merged", "sinks", "forced"):
+    for key in ("sinks", "forced"):
         if key in v:
             _need(isinstance(v[key], list) and all(isinstance(x, str) for x in v[key]), f"{field}[{key!r}]",
                   f"must be a list of site names, got {_show(v[key])}")
+    if "merged" in v:
+        _need(isinstance(v["merged"], dict), f"{field}['merged']", f"must be an object, got {_kind(v['merged'])}")
+        for name, how in v["merged"].items():
+            _need(isinstance(how, dict) and _is_int(how.get("encoder")) and how["encoder"] >= 0
+                  and how.get("at") in (None, "first", "last") and len(how) == 2,
+                  f"{field}['merged'][{name!r}]",
+                  f'must be {{"encoder": count, "at": "first", "last" or null}}, got {_show(how)}')
 
 
 _SOURCES = ("image_token_id", "image_embeds_position_mask", "prepended")

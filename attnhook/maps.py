@@ -101,7 +101,7 @@ def attention_maps(trace: Trace, grid: Grid | Regions | Views, *, site: SiteSele
     for s in sites:
         w = _one_call(trace, s, sequence, calls)                  # (batch, steps, heads, keys)
         if s.kind == "self":  # decoder-only models: the image tokens sit among the text keys
-            w = _image_columns(w, trace.meta, s.name)
+            w = _image_columns(w, trace.meta, s.name, trace.key_lengths(s, sequence))
         w = _on_grid(w, grid, s.name)                              # (batch, steps, heads, rows, cols)
         per_site.append(_reduce_heads(w, heads, s))
     shapes = {tuple(m.shape) for m in per_site}
@@ -430,18 +430,20 @@ def _pick_sites(trace: Trace, site, layers) -> list[Site]:
     return select(which, "all", layers)
 
 
-def _image_columns(w: torch.Tensor, meta: dict, name: str) -> torch.Tensor:
-    """Gather the image tokens' columns per batch row when the trace says where they are."""
+def _image_columns(w: torch.Tensor, meta: dict, name: str, row_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather the image tokens' columns per batch row when the trace says where they are. `row_keys`: the valid
+    keys of each step's row (`trace.key_lengths`), which place the encoder's keys in a merged site's rows."""
     where = meta.get("image_keys")
     if where is None:
         return w
-    merged = meta.get("transformers", {}).get("merged", [])
-    if isinstance(merged, list) and name in merged:
+    merged = meta.get("transformers", {}).get("merged", {}).get(name)
+    at = merged["at"] if merged is not None else None
+    if merged is not None and (at is None or (at == "last" and (row_keys is None or len(row_keys) != w.shape[1]))):
         raise GridError(
             f"Site {name!r} attends to its own tokens and to the encoder's in one softmax (merged attention, as "
-            "T5Gemma2's decoder), so the image tokens are not at fixed key columns and attnhook does not place "
-            "them. Map the encoder's own attention over the image tokens instead (site='<encoder layers>'), or "
-            "read the rows with trace.weights(site) and pick the encoder's columns yourself.")
+            "T5Gemma2's decoder), and the recording did not show where the encoder's keys sit among them (its "
+            "cross-attention cache did not match either end of the keys), so attnhook does not place the image "
+            "tokens. Record with a cache (generate() keeps one), or map the encoder's own attention instead.")
     if meta.get("image_keys_spatial") is False:
         raise GridError(
             f"Site {name!r} attends to this model's image tokens, but they are learned queries (a Q-Former or "
@@ -457,9 +459,17 @@ def _image_columns(w: torch.Tensor, meta: dict, name: str) -> torch.Tensor:
         raise GridError(f"trace.meta['image_keys'] lists {sorted(lengths)} image tokens in different rows; "
                         "every row must place the same number of image tokens on the grid.")
     index = torch.as_tensor([list(row) for row in where], dtype=torch.long).reshape(batch, -1)
+    index = index.view(batch, *([1] * (w.dim() - 2)), -1)
+    if merged is not None and at == "last":  # each step's row: its own keys so far, then the encoder's
+        assert row_keys is not None  # refused above without them
+        shift = row_keys.to(torch.long) - merged["encoder"]
+        if bool((shift < 0).any()):
+            raise GridError(f"Site {name!r}: a row holds fewer keys than the encoder's {merged['encoder']}: the "
+                            "trace's merged-attention record does not fit its rows.")
+        index = index + shift.view(1, -1, *([1] * (w.dim() - 2)))
     if index.numel() and (index.min() < 0 or index.max() >= keys):
         raise GridError(f"trace.meta['image_keys'] points at key {int(index.max())}, but the rows have {keys} keys.")
-    index = index.view(batch, *([1] * (w.dim() - 2)), -1).expand(*w.shape[:-1], -1)
+    index = index.expand(*w.shape[:-1], -1)
     return torch.gather(w, -1, index)
 
 

@@ -456,11 +456,7 @@ def test_weights_laid_out_queries_first_are_refused_naming_the_axes_they_sum_alo
     assert "not the scores" not in msg
 
 
-def test_merged_self_and_cross_attention_is_named_and_not_mapped_onto_the_image(tmp_path):
-    """T5Gemma2's decoder attends to its own tokens and the encoder's in one softmax: the image tokens' key
-    columns move with each step, so `meta["transformers"]["merged"]` names the sites and maps refuse them
-    (before: the encoder's image-token indices were applied to the merged keys, a wrong picture without a
-    word). The encoder's own attention still maps."""
+def _t5gemma2():
     t5g2 = pytest.importorskip("transformers.models.t5gemma2.modeling_t5gemma2")
     small = dict(vocab_size=300, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=2, head_dim=16, layer_types=["sliding_attention", "full_attention"],
@@ -474,16 +470,43 @@ def test_merged_self_and_cross_attention_is_named_and_not_mapped_onto_the_image(
     torch.manual_seed(0)
     model = t5g2.T5Gemma2ForConditionalGeneration(config).eval()
     ids = torch.tensor([[2, 297, *[299] * 16, 298, 10, 11]])
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 64, 64))
+    return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 64, 64))
+
+
+def test_merged_self_and_cross_attention_maps_the_encoders_image_columns_of_each_step(tmp_path):
+    """T5Gemma2's decoder attends to its own tokens and the encoder's in one softmax: the image tokens' key
+    columns move with each step. The recording shows where the encoder's keys sit (they equal the cross cache
+    at the end of the keys); maps take each step's image columns from there and equal the model's own eager
+    cross-attention weights of the image tokens (before: the encoder's image-token indices were applied to the
+    merged keys, a wrong picture without a word)."""
+    model, inputs = _t5gemma2()
+    steps = 3
     with ah.record(model) as trace:
-        model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    merged = trace.meta["transformers"]["merged"]
-    assert merged == [s.name for s in trace.sites if s.name.startswith("model.decoder.")]
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+    decoder = [s.name for s in trace.sites if s.name.startswith("model.decoder.")]
+    assert trace.meta["transformers"]["merged"] == {n: {"encoder": 21, "at": "last"} for n in decoder}
     assert trace.meta["image_keys"] == [list(range(2, 18))]
-    with pytest.raises(ah.AttnHookError, match="merged attention"):
-        ah.attention_maps(trace, ah.infer_grid(16), site="model.decoder.*")
-    trace.save(tmp_path / "t.safetensors")  # kept in the file: a loaded trace refuses as well
-    with pytest.raises(ah.AttnHookError, match="merged attention"):
-        ah.attention_maps(ah.load(tmp_path / "t.safetensors"), ah.infer_grid(16), site="model.decoder.*")
-    maps = ah.attention_maps(trace, ah.infer_grid(16), site="model.encoder.text_model.*")
-    assert maps.shape == (1, ids.shape[1], 4, 4)
+    grid = ah.infer_grid(16)
+    model.set_attn_implementation("eager")
+    own = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_attentions=True,
+                         return_dict_in_generate=True)
+    assert torch.equal(own.sequences, out)
+    for layer, name in enumerate(decoder):
+        maps = ah.attention_maps(trace, grid, site=name, heads=0)  # (batch, steps, 4, 4)
+        expected = torch.stack([own.cross_attentions[t][layer][:, 0, -1, 2:18] for t in range(steps)], dim=1)
+        torch.testing.assert_close(torch.from_numpy(maps).reshape(1, steps, 16), expected, atol=1e-5, rtol=0)
+    trace.save(tmp_path / "t.safetensors")  # kept in the file: a loaded trace maps the same
+    again = ah.attention_maps(ah.load(tmp_path / "t.safetensors"), grid, site=decoder[0], heads=0)
+    assert (again == ah.attention_maps(trace, grid, site=decoder[0], heads=0)).all()
+
+
+def test_merged_attention_whose_encoder_keys_were_not_shown_is_not_mapped():
+    """Without a cache (one forward with labels) nothing in the call shows where the encoder's keys sit among
+    the merged keys: the site is named with `at: None` and maps refuse it, naming why."""
+    model, inputs = _t5gemma2()
+    with ah.record(model, rows="all") as trace:
+        model(**inputs, decoder_input_ids=torch.tensor([[2, 5, 6]]), use_cache=False)
+    decoder = [s.name for s in trace.sites if s.name.startswith("model.decoder.")]
+    assert trace.meta["transformers"]["merged"] == {n: {"encoder": 21, "at": None} for n in decoder}
+    with pytest.raises(ah.AttnHookError, match="merged attention.*did not show where the encoder's keys sit"):
+        ah.attention_maps(trace, ah.infer_grid(16), site=decoder[0])

@@ -31,8 +31,8 @@ from torch import nn
 from ..errors import RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
 from . import _hf_dispatch, _torch_sdpa
-from ._hf_call import (_CACHE_ARGS, _CROSS_ARGS, _appends_weights, _arg, _heads, _hidden, _kind, _lengths, _params,
-                       _sdpa_only, _source, _start, _static_cache, _uses_interface, _wraps_mha)
+from ._hf_call import (_CACHE_ARGS, _CROSS_ARGS, _appends_weights, _arg, _cache, _heads, _hidden, _kind, _layer_idx,
+                       _lengths, _params, _sdpa_only, _source, _start, _static_cache, _uses_interface, _wraps_mha)
 from ._hf_dispatch import Part, plan_of
 from ._hf_inputs import ImageInputs
 
@@ -412,21 +412,48 @@ def _prepare(session):
     return recording.undo
 
 
-def _check_merged(slot: _Slot, call: Call, keys: int) -> None:
+def _check_merged(slot: _Slot, call: Call, parts: list[Part], keys: int) -> None:
     """A module given encoder states whose attention runs over more keys than those states (T5Gemma2's decoder
-    attention: its own tokens and the encoder's in one softmax) is named in `meta["transformers"]["merged"]`:
-    the encoder's tokens, and so the image's, are not at fixed key columns, and maps refuse to guess them."""
+    attention: its own tokens and the encoder's in one softmax) is merged: `meta["transformers"]["merged"]`
+    gives its site the encoder's token count and where their keys sit among the call's ("last", "first"), as
+    the call shows it (the keys equal the cross-attention cache's at that end), or None when nothing shows it
+    (maps then refuse to place the image's columns)."""
     given = (_arg(call.module, call.args, call.kwargs, n) for n in _CROSS_ARGS)
     states = next((a for a in given if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
     hidden = _hidden(call)
     if states is None or hidden is None or hidden.dim() < 2 or states.shape[-1] == 0:
-        slot.merged = False
+        slot.merged = slot.merged or False
         return
     # the encoder tokens per batch row, however the states are shaped (Mllama's come one tile per row)
     tokens = states.numel() // (hidden.shape[0] * states.shape[-1])
-    slot.merged = keys > tokens
-    if slot.merged:
-        _name_in_meta(slot, "merged")
+    if keys <= tokens:
+        slot.merged = slot.merged or False
+        return
+    slot.merged = True
+    name = slot.recording.names.get(slot.module, "?")
+    merged = slot.recording.trace.meta.setdefault("transformers", {}).setdefault("merged", {})
+    known = merged.get(name)
+    if known is None or known["encoder"] != tokens:  # a new prompt length: shown again
+        merged[name] = {"encoder": tokens, "at": _encoder_keys_at(call, parts, tokens)}
+
+
+def _encoder_keys_at(call: Call, parts: list[Part], tokens: int) -> str | None:
+    """Where the encoder's keys sit among the keys of a merged call: "last" or "first" when that end of the
+    keys equals what the call's cross-attention cache holds for its layer, else None."""
+    cache = getattr(_cache(call), "cross_attention_cache", None)
+    idx = _layer_idx(call.module)
+    layers = getattr(cache, "layers", None)
+    key = parts[0].key if len(parts) == 1 else None
+    if idx is None or not isinstance(layers, (list, tuple)) or idx >= len(layers) or key is None or key.dim() != 4:
+        return None
+    cross = getattr(layers[idx], "keys", None)
+    if not isinstance(cross, torch.Tensor) or cross.shape != key[:, :, :tokens].shape:
+        return None
+    if torch.equal(key[:, :, key.shape[2] - tokens:], cross):
+        return "last"
+    if torch.equal(key[:, :, :tokens], cross):
+        return "first"
+    return None
 
 
 def _sinks_given(slot: _Slot, parts: list[Part]) -> bool:
@@ -487,8 +514,8 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
     if len(parts) > 1:
         _check_split(call, parts, queries)
     offset = 0
-    if call.state.get("kind") == "cross" and slot.merged is None:
-        _check_merged(slot, call, keys)
+    if call.state.get("kind") == "cross" and slot.merged is not False:
+        _check_merged(slot, call, parts, keys)
     if call.state.get("kind", "self") == "self":
         start = call.state.get("start")
         if start is not None and keys > start + queries and _static_cache(call):  # drop the slots not filled yet
