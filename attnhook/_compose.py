@@ -4,6 +4,7 @@ queries through their own maps over the patches. Pure torch; see `attnhook.maps.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ def _views_maps(trace, views: Views, site, sequence, heads, layers, image_size, 
         w = _one_call(trace, s, sequence, "mean")
         laid = views
         if s.kind == "self" and "image_keys" in trace.meta:
-            w = _image_columns(w, trace.meta, s.name, trace.key_lengths(s, sequence))
+            w = _image_columns(w, trace.meta, s.name, partial(trace.key_lengths, s, sequence))
             if w.shape[-1] != views.keys:
                 laid = _image_keys_only(views)
         if w.shape[-1] != laid.keys:
@@ -90,7 +91,7 @@ def _composed(trace, grid, site, sequence, heads, layers, queries, query_sequenc
         w = _one_call(trace, s, sequence, "mean")                       # (batch, steps, heads, keys)
         if s.kind == "self" and "image_keys" in trace.meta:
             w = _image_columns(w, dict(trace.meta, image_keys_spatial=True), s.name,
-                               trace.key_lengths(s, sequence))
+                               partial(trace.key_lengths, s, sequence))
         if w.shape[-1] != qmap.shape[1] or w.shape[0] != qmap.shape[0]:
             raise SelectionError(
                 f"Site {s.name!r} has rows {tuple(w.shape)} over {w.shape[-1]} keys, but the query sites hold "

@@ -6,8 +6,8 @@ keys)`, maps `(batch, steps, rows, cols)` on the grid, `(..., height, width)` in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import lru_cache
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ def attention_maps(trace: Trace, grid: Grid | Regions | Views, *, site: SiteSele
     for s in sites:
         w = _one_call(trace, s, sequence, calls)                  # (batch, steps, heads, keys)
         if s.kind == "self":  # decoder-only models: the image tokens sit among the text keys
-            w = _image_columns(w, trace.meta, s.name, trace.key_lengths(s, sequence))
+            w = _image_columns(w, trace.meta, s.name, partial(trace.key_lengths, s, sequence))
         w = _on_grid(w, grid, s.name)                              # (batch, steps, heads, rows, cols)
         per_site.append(_reduce_heads(w, heads, s))
     shapes = {tuple(m.shape) for m in per_site}
@@ -430,15 +430,18 @@ def _pick_sites(trace: Trace, site, layers) -> list[Site]:
     return select(which, "all", layers)
 
 
-def _image_columns(w: torch.Tensor, meta: dict, name: str, row_keys: torch.Tensor | None = None) -> torch.Tensor:
-    """Gather the image tokens' columns per batch row when the trace says where they are. `row_keys`: the valid
-    keys of each step's row (`trace.key_lengths`), which place the encoder's keys in a merged site's rows."""
+def _image_columns(w: torch.Tensor, meta: dict, name: str,
+                   row_keys: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """Gather the image tokens' columns per batch row when the trace says where they are. `row_keys()`: the
+    valid keys of each step's row (`trace.key_lengths`), which place the encoder's keys in a merged site's rows
+    (read only for such a site)."""
     where = meta.get("image_keys")
     if where is None:
         return w
     merged = meta.get("transformers", {}).get("merged", {}).get(name)
     at = merged["at"] if merged is not None else None
-    if merged is not None and (at is None or (at == "last" and (row_keys is None or len(row_keys) != w.shape[1]))):
+    lengths = row_keys() if at == "last" and row_keys is not None else None
+    if merged is not None and (at is None or (at == "last" and (lengths is None or len(lengths) != w.shape[1]))):
         raise GridError(
             f"Site {name!r} attends to its own tokens and to the encoder's in one softmax (merged attention, as "
             "T5Gemma2's decoder), and the recording did not show where the encoder's keys sit among them (its "
@@ -454,15 +457,15 @@ def _image_columns(w: torch.Tensor, meta: dict, name: str, row_keys: torch.Tenso
     if not isinstance(where, (list, tuple)) or len(where) != batch:
         raise GridError(f"trace.meta['image_keys'] must hold one list of key indices per batch row ({batch}), "
                         f"got {type(where).__name__} of length {len(where) if hasattr(where, '__len__') else '?'}.")
-    lengths = {len(row) for row in where}
-    if len(lengths) != 1:
-        raise GridError(f"trace.meta['image_keys'] lists {sorted(lengths)} image tokens in different rows; "
+    counts = {len(row) for row in where}
+    if len(counts) != 1:
+        raise GridError(f"trace.meta['image_keys'] lists {sorted(counts)} image tokens in different rows; "
                         "every row must place the same number of image tokens on the grid.")
     index = torch.as_tensor([list(row) for row in where], dtype=torch.long).reshape(batch, -1)
     index = index.view(batch, *([1] * (w.dim() - 2)), -1)
     if merged is not None and at == "last":  # each step's row: its own keys so far, then the encoder's
-        assert row_keys is not None  # refused above without them
-        shift = row_keys.to(torch.long) - merged["encoder"]
+        assert lengths is not None  # refused above without them
+        shift = lengths.to(torch.long) - merged["encoder"]
         if bool((shift < 0).any()):
             raise GridError(f"Site {name!r}: a row holds fewer keys than the encoder's {merged['encoder']}: the "
                             "trace's merged-attention record does not fit its rows.")

@@ -464,17 +464,12 @@ def _sinks_given(slot: _Slot, parts: list[Part]) -> bool:
             break
     else:
         return False
-    _name_in_meta(slot, "sinks")
-    return True
-
-
-def _name_in_meta(slot: _Slot, key: str) -> None:
-    """Add the slot's site to the sorted list `trace.meta["transformers"][key]` (once)."""
     name = slot.recording.names.get(slot.module, "?")
-    named = slot.recording.trace.meta.setdefault("transformers", {}).setdefault(key, [])
+    named = slot.recording.trace.meta.setdefault("transformers", {}).setdefault("sinks", [])
     if name not in named:
         named.append(name)
         named.sort()
+    return True
 
 
 class _Removal:
