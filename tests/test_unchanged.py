@@ -6,6 +6,7 @@ own per-head weights; a training step with dropout gives the same loss and gradi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -283,6 +284,34 @@ def test_the_kernel_name_is_wrapped_only_while_recording_and_restored_after_an_e
         mha(x, x, x)
         raise ValueError("boom")
     assert F.scaled_dot_product_attention is real
+
+
+def _sharing(storage_ptr: int) -> int:
+    """Live tensors whose storage starts at `storage_ptr` (found through the garbage collector)."""
+    import gc
+    gc.collect()
+    return sum(1 for o in gc.get_objects()
+               if issubclass(type(o), torch.Tensor) and o.untyped_storage().data_ptr() == storage_ptr)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_nothing_from_the_run_is_kept_once_the_recording_ends(fails):
+    """The projected path keeps the keys of a module's last call (a prefix loop reprojects only new rows) and
+    of a feature tensor (projected once per run): both go when the block ends, also after an exception, so a
+    module or image features the caller keeps do not keep a run's keys alive."""
+    torch.manual_seed(0)
+    decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(16, 2, 32, batch_first=True), 2).eval()
+    memory, tokens = torch.randn(1, 9, 16), torch.randn(1, 4, 16)
+    seq = tokens.clone()
+    ptr = seq.untyped_storage().data_ptr()
+    with pytest.raises(ValueError) if fails else contextlib.nullcontext():
+        with torch.no_grad(), ah.record(decoder) as trace:  # no_grad: the native fast path, projected rows
+            decoder(seq, memory)
+            assert _sharing(ptr) > 1  # the control: the module's last keys are kept while recording
+            if fails:
+                raise ValueError("boom")
+    assert len(trace.sites) == 4 and trace.weights("layers.0.self_attn").shape == (1, 4, 2, 4)
+    assert _sharing(ptr) == 1  # after the block: the caller's own tensor only
 
 
 class Cached(nn.Module):

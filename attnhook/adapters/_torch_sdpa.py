@@ -94,6 +94,8 @@ def install() -> Callable[[], None]:
             _USERS -= 1
             if _USERS == 0 and F.scaled_dot_product_attention is _wrapper:  # not over someone's later patch
                 F.scaled_dot_product_attention = _ORIGINAL
+            if _USERS == 0:
+                _CAUSAL.clear()  # the masks a run's shapes asked for go with it
 
     return undo
 

@@ -10,8 +10,9 @@ query rows the trace keeps, without dropout (the probabilities, in train mode to
 from __future__ import annotations
 
 import inspect
+import threading
 import weakref
-from typing import cast
+from typing import Callable, cast
 
 import torch.nn.functional as F
 
@@ -289,6 +290,35 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
     return shape
 
 
+_RECORDINGS = 0  # recordings of this spec under way (the keys kept above live while one is)
+_LOCK = threading.Lock()
+
+
+def _prepare() -> Callable[[], None]:
+    """The kernel's wrapper in place while recording; the keys kept across calls (`_KEYS`, `_PREFIX`) dropped
+    when the last recording ends: a module, or a feature tensor the caller keeps, would keep them too."""
+    global _RECORDINGS
+    undo = _torch_sdpa.install()
+    with _LOCK:
+        _RECORDINGS += 1
+    ended = False
+
+    def done() -> None:
+        global _RECORDINGS
+        nonlocal ended
+        if ended:
+            return
+        ended = True
+        undo()
+        with _LOCK:
+            _RECORDINGS -= 1
+            if _RECORDINGS == 0:
+                _KEYS.clear()
+                _PREFIX.clear()
+
+    return done
+
+
 MULTIHEAD_ATTENTION = AttentionSpec(
     name="torch.MultiheadAttention",
     match=nn.MultiheadAttention,
@@ -301,7 +331,7 @@ MULTIHEAD_ATTENTION = AttentionSpec(
     valid=_valid,
     query=_query,
     memory=_memory,
-    prepare=lambda session: _torch_sdpa.install(),
+    prepare=lambda session: _prepare(),
     force=_open,
     restore=_close,
 )
