@@ -175,6 +175,61 @@ def test_recording_works_under_inference_mode():
         assert trace.weights(site).shape[:2] == (2, 3)
 
 
+class PaddedCaptioner(nn.Module):
+    """A stock encoder given a key padding mask (image regions of different counts) and a stock decoder."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, heads, 2 * d, batch_first=True), 2)
+        self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(d, heads, 2 * d, batch_first=True), 2)
+
+    def forward(self, regions, padding, tokens):
+        memory = self.enc(regions, src_key_padding_mask=padding)
+        return self.dec(tokens, memory, memory_key_padding_mask=padding)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sites", ["enc.*", "cross", None])
+@pytest.mark.parametrize("lengths", [[7, 5, 2], None])
+def test_an_encoder_that_drops_its_padding_runs_unchanged_and_each_rows_weights_are_its_own(lengths, sites, dtype):
+    """nn.TransformerEncoder in eval mode without a graph, given a key padding mask, hands its layers nested
+    tensors (each sequence without its padding). Recording, even of the decoder alone, used to break that run
+    (`NestedTensorImpl doesn't support sizes`); the encoder's weights are each row's own over its real keys.
+    Without a padding mask the encoder's layers run torch's fused layer (the hooks turn it off, as any hook on
+    the layer does): the outputs are the same bits."""
+    torch.manual_seed(0)
+    model = PaddedCaptioner().eval().to(dtype)
+    regions, tokens = torch.randn(3, 7, 32, dtype=dtype), torch.randn(3, 4, 32, dtype=dtype)
+    padding = None if lengths is None else torch.arange(7)[None] >= torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        expected = model(regions, padding, tokens)  # no hook of anyone's: torch's own fastest path
+    given = []  # what the encoder's first layer hands its attention: a plain hook of the test's own
+    handle = model.enc.layers[0].self_attn.register_forward_pre_hook(lambda m, args: given.append(args[0]))
+    with torch.no_grad():
+        with ah.record(model, **({} if sites is None else {"sites": sites})) as trace:
+            out = model(regions, padding, tokens)
+    handle.remove()
+    assert torch.equal(out, expected)
+    assert given[-1].is_nested == (lengths is not None)  # the path under test
+    lengths = lengths or [7, 7, 7]
+    if sites == "cross":
+        assert [s.kind for s in trace.sites] == ["cross", "cross"]
+        return
+    w = trace.weights("enc.layers.0.self_attn")  # (batch, query positions, heads, keys)
+    assert w.shape == (3, 7, 4, 7)
+    attention = model.enc.layers[0].self_attn
+    for b, x in enumerate(given[-1].unbind()):
+        n = lengths[b]
+        with torch.no_grad():
+            _, own = attention(x[None], x[None], x[None], need_weights=True, average_attn_weights=False)
+        torch.testing.assert_close(w[b, :n, :, :n], own[0].transpose(0, 1), **_TOLERANCE[dtype])
+        assert not w[b, :, :, n:].any() and not w[b, n:].any()  # padding: never a key, never computed
+
+
+_TOLERANCE = {torch.float32: {"atol": 1e-6, "rtol": 1e-5}, torch.bfloat16: {"atol": 1e-2, "rtol": 0}}
+
+
 # --- rows from the tensors the module hands its own kernel (adapters/_torch_sdpa.py) ----------------------------
 def _counting(monkeypatch):
     from attnhook.adapters import _torch_sdpa

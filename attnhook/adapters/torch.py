@@ -133,6 +133,8 @@ def _kind(call: Call) -> str:
     query, key = _query_key(call)
     if query is key:
         return "self"
+    if query.is_nested or key.is_nested:  # no shape to compare (a padded encoder batch): identity decides
+        return "cross"
     if query.shape == key.shape and query.data_ptr() == key.data_ptr():
         return "self"
     if query.shape == key.shape and torch.equal(query, key):
@@ -142,6 +144,9 @@ def _kind(call: Call) -> str:
 
 def _lengths(call: Call) -> tuple[int, int, int]:
     query, key = _query_key(call)
+    if query.is_nested or key.is_nested:
+        queries, keys = _nested_lengths(call)
+        return len(queries), max(queries, default=0), max(keys, default=0)
     if query.dim() == 2:  # unbatched (L, E)
         return 1, query.shape[0], key.shape[0]
     if call.module.batch_first:
@@ -155,6 +160,8 @@ def _query(call: Call) -> torch.Tensor:
 
 def _memory(call: Call) -> torch.Tensor:
     key = _bind(call)["key"]
+    if key.is_nested:  # batch first, each row its own length: padded with zeros (only a fingerprint reads it)
+        return key.to_padded_tensor(0.0)
     if key.dim() == 2:
         return key[None]
     return key if call.module.batch_first else key.transpose(0, 1)
@@ -205,7 +212,10 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     those queries and the keys (no values, no output projection; the keys once per key tensor). Where the
     module's own kernel call was seen (`_torch_sdpa`), from the queries, keys and mask it was given instead."""
     seen = call.state.get("sdpa")
-    if seen is not None and seen.q is not None and _fits(call, seen):
+    if seen is None or seen.q is None:
+        if _query_key(call)[0].is_nested or _query_key(call)[1].is_nested:
+            return _nested_rows(call, lo, hi)
+    elif _fits(call, seen):
         # the kernel's own keys, as it read them a moment ago (a contiguous copy kept across calls was as fast
         # in place: the copy is no nearer in the cache than the kernel's keys)
         return _torch_sdpa.rows(seen, lo, hi)
@@ -232,6 +242,39 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
         # is_causal is only a hint: with a mask the mask is what ran; without one the call ran the native fast
         # path, which ignores it (the slow path refuses it), so no causal mask is applied here either
         return _scores(m, q, kt, pad, mask, d)
+
+
+def _nested_lengths(call: Call) -> tuple[list[int], list[int]]:
+    """The query and key lengths of each batch row of a call given nested tensors (`nn.TransformerEncoder`
+    in eval mode without a graph, given a key padding mask, hands its layers each sequence without its padding:
+    one `(length, embed)` tensor per row)."""
+    lengths = call.state.get("nested")
+    if lengths is None:
+        query, key = _query_key(call)
+        lengths = call.state["nested"] = tuple(
+            [t.shape[0] for t in x.unbind()] if x.is_nested else [x.shape[1]] * x.shape[0] for x in (query, key))
+    return lengths
+
+
+def _nested_rows(call: Call, lo: int, hi: int) -> torch.Tensor:
+    """Rows `lo:hi` of a call given nested tensors, as `(batch, heads, hi - lo, longest row)`: each row's
+    weights over its own keys (keys past its length weigh 0, as in the padded equivalent). A query slot past its
+    row's length was never computed (the module's output there is padding): its weights are 0. torch runs such a
+    call only as self-attention (query, key and value one tensor) without masks, bias_k or a zero key."""
+    m = cast(nn.MultiheadAttention, call.module)
+    query = _bind(call)["query"]
+    lengths = _nested_lengths(call)[0]
+    batch, longest = len(lengths), max(lengths, default=0)
+    wq, bq, wk, bk = _weights(m)
+    with torch.no_grad():
+        x = query.to_padded_tensor(0.0, (batch, longest, query.size(-1)))
+        q = F.linear(x[:, lo:hi].transpose(0, 1), wq, bq)  # (l, N, E)
+        kt = _laid_out(m, x, wk, bk, 1)
+        length = torch.tensor(lengths, device=x.device)[:, None]
+        pad = torch.arange(longest, device=x.device)[None] >= length
+        weights = _scores(m, q, kt, pad, None, m.head_dim)
+        unseen = torch.arange(lo, hi, device=x.device)[None] >= length
+        return weights.masked_fill(unseen[:, None, :, None], 0.0)
 
 
 def _scores(m: nn.MultiheadAttention, q, kt, pad, mask, d: int) -> torch.Tensor:
