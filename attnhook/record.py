@@ -67,15 +67,23 @@ def find_attention(model: nn.Module) -> list[Site]:
     return _sites(model, tree)
 
 
-def _sites(model: Any, tree: _tree.Tree) -> list[Site]:
+def _sites(model: Any, tree: _tree.Tree, recording: bool = False) -> list[Site]:
     """`find_attention` of a model whose tree is known."""
     found: list[tuple] = []
     inside: set[str] = set()
     named: list[tuple[str, Any]] = list(tree.named())
     _load_builtins()
+    scripted: list[str] = []
     for name, module in named:
         if inside and _within(name, inside):
             continue
+        if isinstance(module, torch.jit.ScriptModule):  # compiled code: no Python call, no hook, nothing to see
+            scripted.append(name)
+            inside.add(f"{name}." if name else "")
+            continue
+        if recording and type(module).__name__ == "OptimizedModule" and isinstance(
+                getattr(module, "_orig_mod", None), nn.Module):
+            _refuse_compiled(model, name)
         spec = _spec_of(type(module))
         if spec is None:
             continue
@@ -88,6 +96,16 @@ def _sites(model: Any, tree: _tree.Tree) -> list[Site]:
     for name, family, kind, heads, cls in found:
         layer = None if at[name] is None else int(name.split(".")[at[name]])
         sites.append(Site(name, family, kind, layer, heads, cls, at[name]))
+    if scripted:
+        what = (f"{type(model).__name__} is TorchScript" if scripted == [""]
+                else f"{_listed(scripted)} of {type(model).__name__} {'is' if len(scripted) == 1 else 'are'} "
+                "TorchScript")
+        message = (f"{what} (torch.jit.script or torch.jit.trace): its compiled code calls no Python module, so "
+                   "no hook sees its attention. Record the Python module before scripting it (script it again "
+                   "for deployment).")
+        if not sites:
+            raise NoAttentionFound(message)
+        warnings.warn(message + " The sites outside it are listed.", AttnHookWarning, stacklevel=3)
     if not sites:
         known = ", ".join(s.name for s in specs())
         raise NoAttentionFound(
@@ -97,6 +115,25 @@ def _sites(model: Any, tree: _tree.Tree) -> list[Site]:
             "read=lambda call: call.output[1])); see docs/recording.md."
         )
     return sites
+
+
+def _listed(names: list[str], most: int = 3) -> str:
+    """`'a', 'b' and 'c'`, the first `most` names of a list, and how many more."""
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _refuse_compiled(model: Any, name: str) -> None:
+    """A module `torch.compile` wrapped (an `OptimizedModule`, the original kept as `_orig_mod`; found without
+    importing torch._dynamo): its graph would trace the hooks into itself, or break at every attention call and
+    compute something else. Refused before anything runs."""
+    where = "The model" if not name else f"Module {name!r} of {type(model).__name__}"
+    fix = "model._orig_mod" if not name else f"model.{name}._orig_mod"
+    raise RecordingError(
+        f"{where} is compiled with torch.compile: recording it would change the compiled graph it runs (hooks "
+        f"inside it break the graph at every attention call, or fail to trace). Record and run the module "
+        f"before compiling ({fix}): it computes the same model, eagerly, though not always to the same last "
+        "bits as the compiled graph.")
 
 
 def _within(name: str, inside: set[str]) -> bool:
@@ -187,7 +224,7 @@ class record:
             raise NoAttentionFound(f"record() takes a torch.nn.Module or a Keras 3 layer or model, got "
                                    f"{type(model).__name__}. Pass the model itself (for a Hugging Face pipeline, "
                                    "pass pipeline.model).")
-        found = _sites(model, tree)
+        found = _sites(model, tree, recording=True)
         self._tree: _tree.Tree = tree
         self._steppers = _step_modules(self._tree, step)
         self.selected = {s.name: s for s in select(found, sites, layers)}

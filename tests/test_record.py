@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import attnhook as ah
+from attnhook.errors import AttnHookWarning, NoAttentionFound, RecordingError
 from captioners import (BOS, AdditiveAttention, DetrStyleCaptioner, LSTMCaptioner, TransformerCaptioner,
                         additive_weights, images, mha_weights)
 
@@ -304,6 +305,41 @@ def test_nested_recording_of_one_model_is_refused_and_leaves_no_trace():
     assert_clean(model)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_torchscript_is_named_and_what_is_outside_it_is_still_recorded():
+    """TorchScript runs no Python module, so no hook sees it: a scripted model is refused naming that (not
+    "no attention module"), and a scripted part is named in a warning while the rest is recorded."""
+    layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    scripted = torch.jit.script(nn.TransformerDecoder(layer, 1).eval())
+    with pytest.raises(NoAttentionFound, match="is TorchScript .*Record the Python module before scripting"):
+        ah.record(scripted)
+    model = TransformerCaptioner()
+    model.encoder = torch.jit.trace(model.encoder, images())
+    with pytest.warns(AttnHookWarning, match="'encoder' of TransformerCaptioner is TorchScript"):
+        with ah.record(model, sites="cross") as trace:
+            model.greedy(images(), steps=3)
+    assert trace.weights(trace.sites[0]).shape[:2] == (2, 3)
+    assert_clean(model)
+
+
+@pytest.mark.parametrize("part", ["", "decoder"])
+def test_a_compiled_model_is_refused_before_it_runs(part):
+    """torch.compile would trace the hooks into its graph (and fail) or break it at every attention call:
+    refused before anything runs, naming the module to record instead; nothing is left hooked."""
+    model = TransformerCaptioner()
+    expected = model.greedy(images(), steps=3)[1]
+    if part:
+        model.decoder = torch.compile(model.decoder)
+    target = model if part else torch.compile(model)
+    fix = "model._orig_mod" if not part else "model.decoder._orig_mod"
+    with pytest.raises(RecordingError, match=f"compiled with torch.compile.*\\({fix}\\)"):
+        ah.record(target, sites="cross")
+    assert_clean(model)
+    if part:
+        model.decoder = model.decoder._orig_mod
+    assert torch.equal(model.greedy(images(), steps=3)[1], expected)
+
+
 def test_two_threads_recording_two_models_never_mix_rows():
     import threading
 
@@ -513,6 +549,7 @@ def test_user_specs_win_over_builtins_and_globs_match_class_names():
 FIRST_CALLS = """
 import threading, torch
 import attnhook as ah
+from attnhook.errors import NoAttentionFound, RecordingError
 barrier, errors = threading.Barrier(2), []
 def first():
     barrier.wait()
