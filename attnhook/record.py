@@ -117,6 +117,15 @@ def _sites(model: Any, tree: _tree.Tree, recording: bool = False) -> list[Site]:
     return sites
 
 
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (where activation checkpointing reruns
+    forwards); `torch._C._current_graph_task_id()` is -1 outside one (torch's own checkpointing reads it)."""
+    return _GRAPH_TASK() != -1
+
+
+_GRAPH_TASK: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _listed(names: list[str], most: int = 3) -> str:
     """`'a', 'b' and 'c'`, the first `most` names of a list, and how many more."""
     shown = ", ".join(repr(n) for n in names[:most])
@@ -306,6 +315,15 @@ class record:
                         "while this thread records it; those calls run untouched and are not recorded. Record "
                         "from the thread that runs the model.")
 
+    def _recomputed(self) -> None:
+        """A call made while autograd runs a backward pass: activation checkpointing recomputing a forward
+        whose calls were recorded when it first ran (with the same random state: the same rows). Not recorded
+        again, and not taken as another call of its step; said once in the trace's notes."""
+        if "recomputed" not in self._warned:
+            self._warned.add("recomputed")
+            self.trace.note("calls made during a backward pass (activation checkpointing recomputing the forward) "
+                            "are not recorded again: their rows are those of the forward already recorded")
+
     def _resolve(self, name: str, spec, call: Call) -> str:
         kind = self._kinds[name]
         if kind == "auto":
@@ -329,6 +347,8 @@ class record:
     def _before(self, name: str, spec, module, args, kwargs):
         if threading.get_ident() != self._thread:
             return self._foreign()
+        if _in_backward():
+            return self._recomputed()
         call = Call(module, args, kwargs)
         kind = self._kinds[name]
         if kind == "auto":
@@ -365,8 +385,8 @@ class record:
         stack = self._calls.get(name)
         if not stack:
             return None  # selected only after this call began (kind resolved late): nothing was forced
-        if threading.get_ident() != self._thread:
-            return self._foreign()
+        if threading.get_ident() != self._thread or _in_backward():
+            return None  # not entered in _before either
         call = stack.pop()
         call.output = output
         weights: Any

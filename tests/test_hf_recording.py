@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -510,3 +511,36 @@ def test_merged_attention_whose_encoder_keys_were_not_shown_is_not_mapped():
     assert trace.meta["transformers"]["merged"] == {n: {"encoder": 21, "at": None} for n in decoder}
     with pytest.raises(ah.AttnHookError, match="merged attention.*did not show where the encoder's keys sit"):
         ah.attention_maps(trace, ah.infer_grid(16), site=decoder[0])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_training_step_with_gradient_checkpointing_records_each_call_once(reentrant):
+    """`gradient_checkpointing_enable()` reruns each layer during backward: those reruns are not recorded
+    again; the trace equals the one of the same step without checkpointing, and the gradients are the same
+    bits as the unrecorded step's."""
+    case = ved_gpt2(batch=2)
+    model = case.model.train()
+    labels = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+
+    def step(checkpointed, recorded):
+        new = hasattr(model, "activation_checkpointing_enable")  # transformers 5's name; 4's is deprecated there
+        if checkpointed and new:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        elif checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        else:
+            (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+        model.zero_grad()
+        torch.manual_seed(3)
+        with ah.record(model) if recorded else contextlib.nullcontext() as trace:
+            model(**case.inputs, labels=labels).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], trace
+
+    plain, _ = step(checkpointed=True, recorded=False)
+    grads, trace = step(checkpointed=True, recorded=True)
+    _, reference = step(checkpointed=False, recorded=True)
+    assert len(plain) == len(grads) and all(torch.equal(a, b) for a, b in zip(plain, grads))
+    assert [s.name for s in trace.sites] == [s.name for s in reference.sites] and trace.sequences == 1
+    for site in trace.sites:
+        torch.testing.assert_close(trace.weights(site), reference.weights(site), rtol=1e-5, atol=1e-6)
+    assert any("backward pass" in n for n in trace.notes)

@@ -119,6 +119,51 @@ def test_a_training_step_with_dropout_is_bit_identical_and_records_probabilities
     torch.testing.assert_close(trace.weights("layers.1.multihead_attn"), expected, rtol=1e-5, atol=1e-6)
 
 
+class Checkpointed(nn.Module):
+    """Decoder layers run through torch.utils.checkpoint: each forward runs again during backward."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.TransformerDecoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+                                    for _ in range(2))
+        self.reentrant = reentrant
+
+    def forward(self, x, memory, checkpointed):
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.layers:
+            x = checkpoint(layer, x, memory, use_reentrant=self.reentrant) if checkpointed else layer(x, memory)
+        return x
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_training_step_records_each_call_once(reentrant):
+    """Activation checkpointing reruns each layer's forward during backward: those reruns are not recorded
+    again (they were taken as a second call of the step: the self-attention's weights gained a call axis).
+    The trace equals the one of the same step without checkpointing, and the gradients are the same bits."""
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant).train()
+    x, memory = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 9, 32)
+
+    def step(checkpointed, recorded):
+        torch.manual_seed(42)  # the same dropout masks in every step (checkpointing replays them)
+        model.zero_grad()
+        with ah.record(model) if recorded else contextlib.nullcontext() as trace:
+            model(x, memory, checkpointed).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()], trace
+
+    plain, _ = step(checkpointed=True, recorded=False)
+    grads, trace = step(checkpointed=True, recorded=True)
+    _, reference = step(checkpointed=False, recorded=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, grads))
+    assert trace.sites == reference.sites and trace.sequences == 1
+    for site in trace.sites:
+        assert trace.weights(site).shape == reference.weights(site).shape == (2, 5, 4, 9 if "multi" in site.name
+                                                                             else 5)
+        assert torch.equal(trace.weights(site), reference.weights(site))
+    assert any("backward pass" in n for n in trace.notes)
+
+
 def test_keys_reused_from_the_previous_call_only_where_they_came_back_unchanged():
     """A prefix loop reprojects only the new key rows; a changed prefix row, or weights changed in place
     between calls, are noticed: every row still equals the module's own weights."""
