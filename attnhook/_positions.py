@@ -125,6 +125,8 @@ class Tracker:
     notes: list[Note] = field(default_factory=list)
     seen: set = field(default_factory=set)  # cross sites called at least once in the block
     leading: set = field(default_factory=set)  # cross sites that run before the self-attention of their pass
+    # the current run began because a call's recomputed rows differed from the held ones (no other evidence)
+    rows_broke: bool = False
 
     # --- what the recorder tells it ---------------------------------------------------------------------
     def step(self) -> None:
@@ -138,6 +140,7 @@ class Tracker:
         self.clock = None
         self.serial = 0
         self.steps = 0
+        self.rows_broke = False
 
     def wants_memory(self, kind: str) -> bool:
         """Whether a fingerprint of the keys would decide anything: cross-attention with no self-attention
@@ -162,9 +165,11 @@ class Tracker:
         if again is not None:
             return again
         start, valid = self._start(st, e)
-        new_run = self._breaks_run(st, e, start, valid, compare)
+        why = self._breaks_run(st, e, start, valid, compare)
+        new_run = bool(why)
         if new_run:
             self.new_run()
+            self.rows_broke = why == "rows"
             st = self.sites.setdefault(e.site, _Site())
             start, valid = self._start(st, e)
         real = e.queries if valid is None else max(0, min(valid, e.queries))
@@ -227,8 +232,9 @@ class Tracker:
         return (0 if e.queries > st.end else st.end), None
 
     def _breaks_run(self, st: _Site, e: Event, start: int, valid: int | None,
-                    compare: Callable[[int, int], Verdict] | None) -> bool:
-        """Whether the call belongs to a new run, from the evidence it carries."""
+                    compare: Callable[[int, int], Verdict] | None) -> bool | Literal["rows"]:
+        """Whether the call belongs to a new run, from the evidence it carries (`"rows"`: only because the
+        rows it recomputes differ from the held ones)."""
         if st.end == 0:
             return False
         if e.fresh:
@@ -243,7 +249,7 @@ class Tracker:
                 return True  # positions went back without reaching the last held one: a new run
             if e.recorded and st.rows and compare is not None:
                 if compare(st.end - 1, st.end - 1 - start) == "different":
-                    return True  # recomputed rows differ from the held ones: another input
+                    return "rows"  # recomputed rows differ from the held ones: another input
         elif start > st.end and e.recorded:
             self._note("gap", e.site,
                        f"site {e.site!r}: a call at position {start} after positions 0..{st.end - 1}: positions "

@@ -256,6 +256,7 @@ class record:
         self._held: dict[str, tuple[Event, torch.Tensor]] = {}
         self._queries: dict[str, weakref.ref] = {}
         self._prints: dict[str, _calls.Remembered] = {}  # site -> the fingerprint of its last keys
+        self._images: dict[str, tuple] = {}  # cross site -> (run, its keys, their version) at its first call
         self._checked: set[str] = set()
         self._warned: set[str] = set()
         self._lock = threading.RLock()
@@ -315,6 +316,32 @@ class record:
                         "while this thread records it; those calls run untouched and are not recorded. Record "
                         "from the thread that runs the model.")
 
+    def _same_keys(self, name: str, spec, call: Call) -> None:
+        """At a cross-attention site's first call of a run: warn when the run began only because recomputed
+        rows differed, yet the keys are the very tensor, unchanged, of the site's last run (the same image).
+        That is a new caption of the same image, or a module run more than once per step (a layer shared
+        across depth, applied in a loop), which would otherwise become one sequence per call."""
+        epoch = self.trace.epoch
+        last = self._images.get(name)
+        if last is not None and last[0] == epoch:
+            return  # not the site's first call of this run
+        memory = spec.memory(call)
+        if not isinstance(memory, torch.Tensor):
+            return
+        version = None if memory.is_inference() else memory._version
+        if last is not None and self._tracker.rows_broke and last[1]() is memory and last[2] == version:
+            self._warn_once("rows-broke", (
+                f"attnhook.record(): site {name!r} started sequence {self.trace.sequences - 1} because the rows it "
+                "recomputes differ from the ones held, yet it attends to the very same keys (the same image) as "
+                "in the sequence before. If the model runs this attention more than once per step (a layer "
+                "shared across depth, applied in a loop), pass record(step=<the module called once per step>) "
+                "and those calls are kept as the step's call axis; if it is a new caption of the same image, "
+                "call trace.new_sequence() before it."))
+        try:
+            self._images[name] = (epoch, weakref.ref(memory), version)
+        except TypeError:  # cannot be weakly referenced
+            self._images.pop(name, None)
+
     def _recomputed(self) -> None:
         """A call made while autograd runs a backward pass: activation checkpointing recomputing a forward
         whose calls were recorded when it first ran (with the same random state: the same rows). Not recorded
@@ -349,6 +376,8 @@ class record:
             return self._foreign()
         if _in_backward():
             return self._recomputed()
+        if self.trace.cut:
+            return None  # max_bytes reached: recording stopped, the model runs on untouched
         call = Call(module, args, kwargs)
         kind = self._kinds[name]
         if kind == "auto":
@@ -398,6 +427,8 @@ class record:
             weights = _calls.as_rows(spec, name, spec.read(call), first, self._tree.training(module))
         with self._lock:
             self._place(name, self._event(name, call, weights), weights)
+            if spec.memory is not None and self._kinds[name] == "cross":
+                self._same_keys(name, spec, call)
         if spec.force is not None and spec.restore is not None:
             return spec.restore(call)
         return None

@@ -321,3 +321,62 @@ def test_step_module_marks_steps_the_loop_hides():
     assert unaided.calls("cross") == 1 and unaided.weights("cross").shape[1] == 8
     with pytest.raises(RecordingError, match="names no module"):
         ah.record(model, step="nothing")
+
+
+class SharedDepth(nn.Module):
+    """One decoder layer applied three times per step (weights shared across depth, as in a Universal
+    Transformer); the prefix is recomputed every step."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerDecoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, 10)
+        self.eval()
+
+    def forward(self, x, memory):
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        for _ in range(3):
+            x = self.layer(x, memory, tgt_mask=causal, tgt_is_causal=True)
+        return self.head(x)
+
+
+def test_a_layer_run_several_times_per_step_is_said_and_step_keeps_its_calls():
+    """Without step=, each rerun of the shared layer recomputes the prefix with other rows and starts a new
+    sequence: that used to be silent (12 one-step sequences for 4 steps); now a warning names step=. With
+    step=, the three runs of each step are its call axis, each equal to the module's own weights."""
+    model, memory, x = SharedDepth(), torch.randn(2, 9, 32), torch.randn(2, 4, 32)
+    with pytest.warns(AttnHookWarning, match=r"attends to the very same keys.*record\(step="):
+        with ah.record(model, sites="cross") as unaided:
+            for t in range(1, 5):
+                model(x[:, :t], memory)
+    assert unaided.sequences > 1 and any("record(step=" in n for n in unaided.notes)
+    spy = Recorder(model.layer.multihead_attn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ah.record(model, sites="cross", step=model.head) as trace:
+            for t in range(1, 5):
+                model(x[:, :t], memory)
+    spy.remove()
+    w = trace.weights("layer.multihead_attn")
+    assert trace.sequences == 1 and w.shape == (2, 4, 3, 4, 9)
+    for t in range(4):
+        for depth in range(3):
+            seen = spy.calls[3 * t + depth]
+            torch.testing.assert_close(w[:, t, depth], mha_weights(model.layer.multihead_attn, seen["query"],
+                                                                   seen["key"])[:, :, t])
+
+
+def test_captions_of_other_images_in_one_block_start_sequences_without_a_warning():
+    """The control: teacher-forced captions of the same length for other images also differ in their rows,
+    but their keys are other tensors: new sequences, as before, and nothing to say."""
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    decoder = nn.TransformerDecoder(layer, 2).eval()
+    causal = nn.Transformer.generate_square_subsequent_mask(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ah.record(decoder, sites="cross") as trace:
+            for _ in range(3):
+                decoder(torch.randn(2, 4, 32), torch.randn(2, 9, 32), tgt_mask=causal, tgt_is_causal=True)
+    assert trace.sequences == 3
