@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 import attnhook as ah  # noqa: E402
-from attnhook.errors import RecordingError  # noqa: E402
+from attnhook.errors import AttnHookWarning, RecordingError  # noqa: E402
 from test_hf_matrix import blip2, hooks, implementations, llava, qwen2vl, ved_gpt2, ved_trocr  # noqa: E402
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
@@ -544,3 +544,27 @@ def test_a_training_step_with_gradient_checkpointing_records_each_call_once(reen
     for site in trace.sites:
         torch.testing.assert_close(trace.weights(site), reference.weights(site), rtol=1e-5, atol=1e-6)
     assert any("backward pass" in n for n in trace.notes)
+
+
+def test_decoding_steps_transformers_would_compile_run_uncompiled_and_are_all_recorded():
+    """With a static cache on a GPU (or a compile_config) generate() compiles the forward of its decoding
+    steps, and hooks in a compiled graph never run: only the prefill was recorded (1 row for 4 tokens), with no
+    word. Inside record() those steps run uncompiled, a warning and trace.notes say so, and every step is kept;
+    the tokens and scores are those of the uncompiled run."""
+    from transformers import CompileConfig
+
+    case = llava(batch=2)
+    model = case.model
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # what a GPU gets on its own, here on the CPU
+    options = {**GREEDY, "cache_implementation": "static", "return_dict_in_generate": True, "output_scores": True}
+    eager = model.generate(**case.inputs, **options, disable_compile=True)
+    with pytest.warns(AttnHookWarning, match="would compile the forward of the decoding steps"):
+        with ah.record(model, sites="model.language_model.*") as trace:
+            out = model.generate(**case.inputs, **options, compile_config=compile_config)
+    assert torch.equal(out.sequences, eager.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, eager.scores))
+    steps = out.sequences.shape[1] - case.prompt
+    assert steps > 1 and all(trace.weights(site).shape[1] == steps for site in trace.sites)
+    assert any("run uncompiled while recording" in n for n in trace.notes)
+    assert "_valid_auto_compile_criteria" not in vars(model)  # the model's own rule is back

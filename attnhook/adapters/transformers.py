@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import inspect
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import RecordingError, SpecError
+from ..errors import AttnHookWarning, RecordingError, SpecError
 from ..registry import AttentionSpec, Call, _register_builtin
 from . import _hf_dispatch, _torch_sdpa
 from ._hf_call import (_CACHE_ARGS, _CROSS_ARGS, _appends_weights, _arg, _cache, _heads, _hidden, _kind, _layer_idx,
@@ -85,6 +86,7 @@ class _Recording(ImageInputs):
         self.image_found = False
         self.thw: list | None = None
         self.active = False
+        self.said_compile = False
         self.thread = threading.get_ident()
         self.names = {m: n for n, m in self.model.named_modules()}
         self.plan.modules = self.names
@@ -303,6 +305,7 @@ class _Recording(ImageInputs):
                 self.handles.append(module.register_forward_pre_hook(self._see_inputs, with_kwargs=True))
                 self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
                 self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+                self.handles.append(_Uncompiled(self, module))
         if self.words is not None:
             self.handles.append(self.words.register_forward_pre_hook(self._see_embedded))
         head = _output_embeddings(self.model)
@@ -327,6 +330,18 @@ class _Recording(ImageInputs):
             self.active = False
             _hf_dispatch.deactivate(self.plan)
         self.slots.clear()
+
+    def compiled_steps(self) -> None:
+        """generate() would have compiled the decoding steps: said once (trace.notes and a warning)."""
+        if self.said_compile:
+            return
+        self.said_compile = True
+        message = ("attnhook.record(): transformers would compile the forward of the decoding steps (a static "
+                   "cache on a GPU, or a compile_config), and a compiled graph runs no Python hook, so those steps "
+                   "would record no rows. They run uncompiled while recording: the tokens and scores can differ "
+                   "from the compiled run's in the last bits (as eager and compiled runs differ).")
+        self.trace.note(message)
+        warnings.warn(message, AttnHookWarning, stacklevel=2)
 
     # what the forwards say
     def _enter(self, module, args, kwargs):
@@ -397,6 +412,33 @@ def _supported() -> None:
             f"transformers {getattr(transformers, '__version__', '?')} lacks what attnhook's Hugging Face adapter "
             f"needs ({e}). Install a supported version: pip install 'transformers>=4.57.6,<5.25' (tested: "
             f"{SUPPORTED}).") from None
+
+
+class _Uncompiled:
+    """While recording, generate() on `model` does not compile the forward of its decoding steps (transformers
+    does so on its own with a static cache on a GPU, or when given a compile_config): hooks in a compiled graph
+    never run, and those steps would record nothing. A handle: `remove()` puts the model's own rule back."""
+
+    NAME = "_valid_auto_compile_criteria"  # GenerationMixin's rule (transformers 4.5x and 5)
+
+    def __init__(self, recording: "_Recording", model: nn.Module):
+        self.model = model
+        rule = getattr(type(model), self.NAME, None)
+        self.patched = callable(rule) and self.NAME not in vars(model)
+        if rule is not None and self.patched:
+            def criteria(model_kwargs, generation_config):
+                would = rule(model, model_kwargs, generation_config)
+                if would and recording.mine():
+                    recording.compiled_steps()
+                    return False
+                return would
+
+            object.__setattr__(model, self.NAME, criteria)
+
+    def remove(self) -> None:
+        if self.patched:
+            self.patched = False
+            vars(self.model).pop(self.NAME, None)
 
 
 def _prepare(session):
