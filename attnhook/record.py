@@ -84,6 +84,8 @@ def _sites(model: Any, tree: _tree.Tree, recording: bool = False) -> list[Site]:
         if recording and type(module).__name__ == "OptimizedModule" and isinstance(
                 getattr(module, "_orig_mod", None), nn.Module):
             _refuse_compiled(model, name)
+        if recording and hasattr(getattr(module, "__dict__", {}).get("forward"), "_torchdynamo_orig_callable"):
+            _refuse_compiled(model, name, forward=True)  # module.forward = torch.compile(module.forward)
         spec = _spec_of(type(module))
         if spec is None:
             continue
@@ -132,14 +134,17 @@ def _listed(names: list[str], most: int = 3) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def _refuse_compiled(model: Any, name: str) -> None:
-    """A module `torch.compile` wrapped (an `OptimizedModule`, the original kept as `_orig_mod`; found without
-    importing torch._dynamo): its graph would trace the hooks into itself, or break at every attention call and
-    compute something else. Refused before anything runs."""
+def _refuse_compiled(model: Any, name: str, forward: bool = False) -> None:
+    """A module `torch.compile` wrapped (an `OptimizedModule`, the original kept as `_orig_mod`), or whose
+    `forward` was replaced by a compiled one (found without importing torch._dynamo): its graph would trace
+    the hooks into itself, or break at every attention call and compute something else. Refused before
+    anything runs."""
     where = "The model" if not name else f"Module {name!r} of {type(model).__name__}"
-    fix = "model._orig_mod" if not name else f"model.{name}._orig_mod"
+    path = "model" if not name else f"model.{name}"
+    what, fix = ((f"{where}'s forward", f"del {path}.forward: the class's own forward comes back") if forward
+                 else (where, f"{path}._orig_mod"))
     raise RecordingError(
-        f"{where} is compiled with torch.compile: recording it would change the compiled graph it runs (hooks "
+        f"{what} is compiled with torch.compile: recording it would change the compiled graph it runs (hooks "
         f"inside it break the graph at every attention call, or fail to trace). Record and run the module "
         f"before compiling ({fix}): it computes the same model, eagerly, though not always to the same last "
         "bits as the compiled graph.")

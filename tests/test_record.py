@@ -322,21 +322,26 @@ def test_torchscript_is_named_and_what_is_outside_it_is_still_recorded():
     assert_clean(model)
 
 
-@pytest.mark.parametrize("part", ["", "decoder"])
+@pytest.mark.parametrize("part", ["", "decoder", "decoder.forward"])
 def test_a_compiled_model_is_refused_before_it_runs(part):
     """torch.compile would trace the hooks into its graph (and fail) or break it at every attention call:
     refused before anything runs, naming the module to record instead; nothing is left hooked."""
     model = TransformerCaptioner()
     expected = model.greedy(images(), steps=3)[1]
-    if part:
+    if part == "decoder":
         model.decoder = torch.compile(model.decoder)
+    if part == "decoder.forward":
+        model.decoder.forward = torch.compile(model.decoder.forward)
     target = model if part else torch.compile(model)
-    fix = "model._orig_mod" if not part else "model.decoder._orig_mod"
-    with pytest.raises(RecordingError, match=f"compiled with torch.compile.*\\({fix}\\)"):
+    fix = {"": r"\(model\._orig_mod\)", "decoder": r"\(model\.decoder\._orig_mod\)",
+           "decoder.forward": r"\(del model\.decoder\.forward: the class's own forward comes back\)"}[part]
+    with pytest.raises(RecordingError, match=f"compiled with torch.compile.*{fix}"):
         ah.record(target, sites="cross")
     assert_clean(model)
-    if part:
+    if part == "decoder":
         model.decoder = model.decoder._orig_mod
+    if part == "decoder.forward":
+        del model.decoder.forward
     assert torch.equal(model.greedy(images(), steps=3)[1], expected)
 
 
