@@ -351,10 +351,8 @@ class record:
         """A call made while autograd runs a backward pass: activation checkpointing recomputing a forward
         whose calls were recorded when it first ran (with the same random state: the same rows). Not recorded
         again, and not taken as another call of its step; said once in the trace's notes."""
-        if "recomputed" not in self._warned:
-            self._warned.add("recomputed")
-            self.trace.note("calls made during a backward pass (activation checkpointing recomputing the forward) "
-                            "are not recorded again: their rows are those of the forward already recorded")
+        self.trace.note("calls made during a backward pass (activation checkpointing recomputing the forward) are "
+                        "not recorded again: their rows are those of the forward already recorded")
 
     def _resolve(self, name: str, spec, call: Call) -> str:
         kind = self._kinds[name]

@@ -74,14 +74,21 @@ def _keep(seen: Seen, args: tuple, kwargs: dict) -> None:
     seen.scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
 
 
-def install() -> Callable[[], None]:
-    """Put the wrapper in place (counted); returns the undo."""
+# what the users of the wrapper keep across calls, dropped with the masks when the last of them is done
+_FORGET: set[Callable[[], None]] = set()
+
+
+def install(forget: Callable[[], None] | None = None) -> Callable[[], None]:
+    """Put the wrapper in place (counted); returns the undo. `forget()` runs when the last user is done (what
+    the caller keeps across calls would otherwise outlive every recording)."""
     global _ORIGINAL, _USERS
     with _LOCK:
         if _USERS == 0 and F.scaled_dot_product_attention is not _wrapper:
             _ORIGINAL = F.scaled_dot_product_attention
             F.scaled_dot_product_attention = _wrapper
         _USERS += 1
+        if forget is not None:
+            _FORGET.add(forget)
     done = False
 
     def undo() -> None:
@@ -96,6 +103,9 @@ def install() -> Callable[[], None]:
                 F.scaled_dot_product_attention = _ORIGINAL
             if _USERS == 0:
                 _CAUSAL.clear()  # the masks a run's shapes asked for go with it
+                for f in _FORGET:
+                    f()
+                _FORGET.clear()
 
     return undo
 

@@ -10,9 +10,8 @@ query rows the trace keeps, without dropout (the probabilities, in train mode to
 from __future__ import annotations
 
 import inspect
-import threading
 import weakref
-from typing import Callable, cast
+from typing import cast
 
 import torch.nn.functional as F
 
@@ -213,7 +212,7 @@ def _rows(call: Call, lo: int, hi: int) -> torch.Tensor:
     module's own kernel call was seen (`_torch_sdpa`), from the queries, keys and mask it was given instead."""
     seen = call.state.get("sdpa")
     if seen is None or seen.q is None:
-        if _query_key(call)[0].is_nested or _query_key(call)[1].is_nested:
+        if any(t.is_nested for t in _query_key(call)):
             return _nested_rows(call, lo, hi)
     elif _fits(call, seen):
         # the kernel's own keys, as it read them a moment ago (a contiguous copy kept across calls was as fast
@@ -333,33 +332,11 @@ def _shape(call: Call) -> tuple[int, int, int, int]:
     return shape
 
 
-_RECORDINGS = 0  # recordings of this spec under way (the keys kept above live while one is)
-_LOCK = threading.Lock()
-
-
-def _prepare() -> Callable[[], None]:
-    """The kernel's wrapper in place while recording; the keys kept across calls (`_KEYS`, `_PREFIX`) dropped
-    when the last recording ends: a module, or a feature tensor the caller keeps, would keep them too."""
-    global _RECORDINGS
-    undo = _torch_sdpa.install()
-    with _LOCK:
-        _RECORDINGS += 1
-    ended = False
-
-    def done() -> None:
-        global _RECORDINGS
-        nonlocal ended
-        if ended:
-            return
-        ended = True
-        undo()
-        with _LOCK:
-            _RECORDINGS -= 1
-            if _RECORDINGS == 0:
-                _KEYS.clear()
-                _PREFIX.clear()
-
-    return done
+def _forget_keys() -> None:
+    """Drop the keys kept across calls (`_KEYS`, `_PREFIX`) once no recording runs: a module, or a feature
+    tensor the caller keeps, would keep them too."""
+    _KEYS.clear()
+    _PREFIX.clear()
 
 
 MULTIHEAD_ATTENTION = AttentionSpec(
@@ -374,7 +351,7 @@ MULTIHEAD_ATTENTION = AttentionSpec(
     valid=_valid,
     query=_query,
     memory=_memory,
-    prepare=lambda session: _prepare(),
+    prepare=lambda session: _torch_sdpa.install(forget=_forget_keys),
     force=_open,
     restore=_close,
 )

@@ -424,7 +424,7 @@ class _Uncompiled:
     def __init__(self, recording: "_Recording", model: nn.Module):
         self.model = model
         rule = getattr(type(model), self.NAME, None)
-        self.patched = callable(rule) and self.NAME not in vars(model)
+        self.patched = rule is not None and self.NAME not in vars(model)
         if rule is not None and self.patched:
             def criteria(model_kwargs, generation_config):
                 would = rule(model, model_kwargs, generation_config)
